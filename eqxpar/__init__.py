@@ -1,0 +1,23 @@
+"""eqxpar: Megatron-style parallel building blocks for JAX + Equinox."""
+
+from . import nn as nn
+
+from ._mesh import AXIS_ORDER as AXIS_ORDER
+from ._mesh import CONTEXT as CONTEXT
+from ._mesh import DATA as DATA
+from ._mesh import EXPERT as EXPERT
+from ._mesh import PIPELINE as PIPELINE
+from ._mesh import TENSOR as TENSOR
+from ._mesh import make_mesh as make_mesh
+from ._mesh import simulate_cpu_devices as simulate_cpu_devices
+from ._shard_map import filter_shard_map as filter_shard_map
+from ._sharding import partition_specs as partition_specs
+from ._sharding import shard as shard
+from ._sharding import sharded as sharded
+from ._sharding import sharded_init as sharded_init
+from ._sharding import stacked as stacked
+from ._typecheck import ShardShapeError as ShardShapeError
+from ._typecheck import set_typecheck as set_typecheck
+from ._typecheck import typecheck_enabled as typecheck_enabled
+
+__version__ = "0.1.0"
