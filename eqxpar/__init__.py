@@ -1,6 +1,8 @@
 """eqxpar: Megatron-style parallel building blocks for JAX + Equinox."""
 
+from . import collectives as collectives
 from . import nn as nn
+from . import profile as profile
 
 from ._mesh import AXIS_ORDER as AXIS_ORDER
 from ._mesh import CONTEXT as CONTEXT

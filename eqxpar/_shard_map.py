@@ -43,10 +43,9 @@ def _expand(specs: Any, tree: Any, mesh: Any, root: str, *, divisible: bool) -> 
     out: list = []
     for prefix, pair in jax.tree_util.tree_leaves_with_path(pairs):
         spec, sub = pair.spec, pair.sub
-        sub_specs = partition_specs(sub) if spec is None else None
         flat = jax.tree_util.tree_leaves_with_path(sub)
         flat_specs = (
-            jax.tree_util.tree_leaves(sub_specs, is_leaf=_is_spec_leaf)
+            jax.tree.structure(sub).flatten_up_to(partition_specs(sub))
             if spec is None
             else [spec] * len(flat)
         )

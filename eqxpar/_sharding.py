@@ -218,7 +218,7 @@ def check_spec(spec: Any, leaf: Any, mesh: Any, where: str, *, divisible: bool =
 def _check_tree(tree: Any, specs: Any, mesh: Any, root: str) -> None:
     for (path, leaf), spec in zip(
         jax.tree_util.tree_leaves_with_path(tree),
-        jax.tree_util.tree_leaves(specs, is_leaf=lambda x: x is None or isinstance(x, P)),
+        jax.tree.structure(tree).flatten_up_to(specs),
         strict=True,
     ):
         if is_arraylike(leaf):

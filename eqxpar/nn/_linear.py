@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._collectives import (
@@ -137,7 +138,7 @@ class ColumnParallelLinear(eqx.Module):
             else:
                 y = copy_to_region(x, axis) @ self.weight.T
             if self.bias is not None:
-                y = y + self.bias
+                y = y + jnp.broadcast_to(self.bias, y.shape)
             if self.gather_output:
                 y = gather_from_region(y, axis)
             return y
@@ -250,5 +251,5 @@ class RowParallelLinear(eqx.Module):
                 # Under SP each device adds the bias to its own sequence block, so the
                 # bias gradient must be summed over the blocks: Megatron's f.
                 bias = copy_to_region(self.bias, axis) if self.sequence_parallel else self.bias
-                y = y + bias
+                y = y + jnp.broadcast_to(bias, y.shape)
             return y

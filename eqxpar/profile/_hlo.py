@@ -11,8 +11,9 @@ import numpy as np
 
 _KINDS = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 _LOOP = object()  # Stands for the tuple parameter of a while body or condition.
-_EVALUATED = {"get-tuple-element", "copy", "convert", "bitcast", "reshape", "fusion", "compare"}
-_EVALUATED |= {"add", "subtract"}
+_EVALUATED = frozenset(
+    "get-tuple-element copy convert bitcast reshape fusion compare add subtract".split()
+)
 _COMPARE = {"LT": operator.lt, "LE": operator.le, "GT": operator.gt, "GE": operator.ge}
 _NAME = r"%?([\w.\-]+)"
 _COMP_RE = re.compile(r"^(ENTRY\s+)?%?([^\s(]+)\s*(?:\(.*\)\s*->.*)?\{\s*$")
@@ -346,10 +347,20 @@ def _mesh_groups(axes_spec: str, device_ids: str | None, selected: str) -> list[
     return ids.reshape(factors).transpose(rest + chosen).reshape(-1, size).tolist()
 
 
+def _components(pairs: list[tuple[str, str]]) -> list[list[int]]:
+    """Connected components of the devices linked by `collective-permute` pairs."""
+    groups: list[set[int]] = []
+    for pair in ({int(source), int(target)} for source, target in pairs):
+        linked = [g for g in groups if g & pair]
+        groups = [g for g in groups if not g & pair] + [pair.union(*linked)]
+    return sorted(sorted(g) for g in groups)
+
+
 def _groups(attrs: str, num_devices: int) -> list[list[int]]:
-    """The device groups of a collective (its pairs, for a `collective-permute`)."""
+    """The device groups of a collective; for a `collective-permute`, the connected
+    components of its source-target pairs."""
     if (match := _PAIRS_RE.search(attrs)) is not None:
-        return [[int(s), int(t)] for s, t in re.findall(r"\{(\d+),\s*(\d+)\}", match.group(1))]
+        return _components(re.findall(r"\{(\d+),\s*(\d+)\}", match.group(1)))
     if (match := _IOTA_RE.search(attrs)) is not None:
         count, size = int(match.group(1)), int(match.group(2))
         return _iota(match.group(3), match.group(4)).reshape(count, size).tolist()
@@ -370,11 +381,9 @@ def _mesh_layout(mesh: Any) -> tuple[tuple[str, ...], tuple[int, ...]]:
     return names, tuple(shape[n] for n in names) if isinstance(shape, Mapping) else tuple(shape)
 
 
-def _axes(kind: str, groups: list[list[int]], mesh: Any) -> tuple[str, ...]:
-    """Mesh axes along which the devices of a group (or of a permute pair) differ."""
+def _axes(groups: list[list[int]], mesh: Any) -> tuple[str, ...]:
+    """Mesh axes along which the devices of a group differ."""
     if mesh is None:
-        if kind == "collective-permute":
-            return (f"{len(groups)} pairs",)
         return (f"groups of {max(len(g) for g in groups)}",)
     names, shape = _mesh_layout(mesh)
     differ = np.zeros(len(shape), dtype=bool)
@@ -406,8 +415,9 @@ def count_collectives(hlo: Any, mesh: Any = None) -> CollectiveReport:
     - `mesh`: optional `jax.sharding.Mesh`, or anything with `axis_names` and
         `devices.shape` (or `shape`). Partition id `p` is taken to be the device at
         `np.unravel_index(p, mesh.devices.shape)`, and each op is attributed to the mesh
-        axes, in mesh order, along which the devices of its groups (or permute pairs)
-        differ. Without a mesh, axes are `("groups of N",)`, or `("K pairs",)` for permutes.
+        axes, in mesh order, along which the devices of its groups differ (for permutes,
+        the groups are the connected components of the source-target pairs). Without a
+        mesh, axes are `("groups of N",)` with `N` the (largest) group size.
 
     **Returns:**
 
@@ -449,7 +459,7 @@ def count_collectives(hlo: Any, mesh: Any = None) -> CollectiveReport:
     records = tuple(
         CollectiveRecord(
             kind,
-            _axes(kind, _groups(instr.attrs, num_devices), mesh),
+            _axes(_groups(instr.attrs, num_devices), mesh),
             multiplicity[comp],
             _output_bytes(instr.opcode, instr.shape),
             comp,
