@@ -150,25 +150,34 @@ def _parse_instr(name: str, rhs: str) -> _Instr | None:
     return _Instr(name, shape, match.group(1), operands, rest[end + 1 :])
 
 
+def _attr(instr: _Instr, key: str) -> str:
+    """The value of attribute `key` of `instr`, without a leading `%`."""
+    attrs = _STRING_RE.sub('""', instr.attrs)
+    if (match := re.search(rf"\b{key}=%?([\w.\-]+)", attrs)) is None:
+        raise ValueError(f"HLO instruction {instr.name} has no `{key}` attribute.")
+    return match.group(1)
+
+
 class _Module:
     """Computations of an HLO module: `comps[comp][name]`, `roots[comp]`, `entry`."""
 
     def __init__(self, text: str):
         self.comps: dict[str, dict[str, _Instr]] = {}
         self.roots: dict[str, str] = {}
-        self.entry, current = None, None
+        entry, current = None, None
         for line in text.splitlines():
             if (match := _COMP_RE.match(line)) is not None:
                 current = match.group(2)
                 self.comps[current] = {}
-                self.entry = current if match.group(1) else self.entry
+                entry = current if match.group(1) else entry
             elif current is not None and (match := _INSTR_RE.match(line)) is not None:
                 if (instr := _parse_instr(match.group(2), match.group(3).strip())) is not None:
                     self.comps[current][instr.name] = instr
                     if match.group(1):
                         self.roots[current] = instr.name
-        if self.entry is None:
+        if entry is None:
             raise ValueError("No ENTRY computation found in the HLO text.")
+        self.entry: str = entry
 
     def value(self, comp: str, name: str, params: list) -> Any:
         """Evaluates a scalar integer instruction symbolically: an int, `("iv", k, offset)`
@@ -186,13 +195,14 @@ class _Module:
             return None
         values = [self.value(comp, a, params) for a in args]
         if op == "get-tuple-element" and values[0] is _LOOP:
-            return ("iv", int(re.search(r"index=(\d+)", instr.attrs).group(1)), 0)
+            return ("iv", int(_attr(instr, "index")), 0)
         if op in ("copy", "convert", "bitcast", "reshape") and values:
             return values[0]
-        if op == "fusion" and (callee := re.search(r"calls=" + _NAME, instr.attrs)):
-            return self.value(callee.group(1), self.roots[callee.group(1)], values)
+        if op == "fusion":
+            callee = _attr(instr, "calls")
+            return self.value(callee, self.roots[callee], values)
         if op == "compare" and len(values) == 2:
-            return ("cmp", re.search(r"direction=(\w+)", instr.attrs).group(1), *values)
+            return ("cmp", _attr(instr, "direction"), *values)
         if op in ("add", "subtract") and len(values) == 2:
             lhs, rhs = values
             if op == "add" and isinstance(lhs, int):
@@ -211,15 +221,15 @@ class _Module:
         increment of the induction variable."""
         if known := re.search(r'"known_trip_count":\{"n":"(\d+)"\}', loop.attrs):
             return int(known.group(1))
-        cond = re.search(r"condition=" + _NAME, loop.attrs).group(1)
-        body = re.search(r"body=" + _NAME, loop.attrs).group(1)
+        cond, body = _attr(loop, "condition"), _attr(loop, "body")
         test = self.value(cond, self.roots[cond], [_LOOP])
         if not (isinstance(test, tuple) and test[0] == "cmp"):
             return None
-        _, direction, lhs, rhs = test
+        direction: str = test[1]
+        lhs, rhs = test[2], test[3]
         if isinstance(lhs, int):
             flip = {"LT": "GT", "LE": "GE", "GT": "LT", "GE": "LE"}
-            direction, lhs, rhs = flip.get(direction, direction), rhs, lhs
+            direction, lhs, rhs = flip.get(direction) or direction, rhs, lhs
         init_tuple = self.comps[caller].get(loop.operands[0])
         if not (isinstance(lhs, tuple) and lhs[0] == "iv" and isinstance(rhs, int)):
             return None
@@ -376,8 +386,8 @@ def _groups(attrs: str, num_devices: int) -> list[list[int]]:
 
 def _mesh_layout(mesh: Any) -> tuple[tuple[str, ...], tuple[int, ...]]:
     names = tuple(mesh.axis_names)
-    devices = getattr(mesh, "devices", None)
-    shape = devices.shape if hasattr(devices, "shape") else mesh.shape
+    shape = getattr(getattr(mesh, "devices", None), "shape", None)
+    shape = mesh.shape if shape is None else shape
     return names, tuple(shape[n] for n in names) if isinstance(shape, Mapping) else tuple(shape)
 
 
@@ -395,6 +405,12 @@ def _axes(groups: list[list[int]], mesh: Any) -> tuple[str, ...]:
     return tuple(name for name, d in zip(names, differ) if d)
 
 
+def _communicates(instr: _Instr, num_devices: int) -> bool:
+    """False for a degenerate collective whose every group is one device (a no-op that
+    XLA sometimes leaves in, e.g. a gradient all-reduce over a mesh axis of size 1)."""
+    return any(len(g) > 1 for g in _groups(instr.attrs, num_devices))
+
+
 def count_collectives(hlo: Any, mesh: Any = None) -> CollectiveReport:
     """Counts the collectives of a compiled SPMD program, with loop trip counts applied.
 
@@ -403,7 +419,8 @@ def count_collectives(hlo: Any, mesh: Any = None) -> CollectiveReport:
     `fusion`, async wrappers, reducers and *each* branch of a `conditional` run once per
     execution of their caller (so conditionals give an upper bound); a computation called
     from several places sums its multiplicities. An asynchronous collective is counted once,
-    at its `*-start`. Bytes are the per-device bytes of the op's output buffer: the whole
+    at its `*-start`. Degenerate collectives whose groups are single devices move nothing
+    and are left out. Bytes are the per-device bytes of the op's output buffer: the whole
     result of a synchronous op or of `all-reduce-start` (summed over tuple elements, as for
     combined all-reduces or all-to-all), and element 1 of the `(operands, outputs,
     context...)` result of the other `*-start` ops.
@@ -468,7 +485,7 @@ def count_collectives(hlo: Any, mesh: Any = None) -> CollectiveReport:
         )
         for comp in reversed(order)
         for instr in module.comps[comp].values()
-        if (kind := _kind(instr.opcode)) is not None
+        if (kind := _kind(instr.opcode)) is not None and _communicates(instr, num_devices)
     )
     unknown = sum(
         comp in multiplicity and any(has_collective[c] for c in callees)
