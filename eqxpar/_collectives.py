@@ -32,12 +32,19 @@ AxisName = str | tuple[str, ...]
 Direction = Literal["unidirectional", "bidirectional"]
 
 
-def _names(axis: AxisName) -> tuple[str, ...]:
+def _names(axis: AxisName | None) -> tuple[str, ...]:
+    if axis is None:
+        return ()
     return (axis,) if isinstance(axis, str) else tuple(axis)
 
 
-def axis_size(axis: AxisName) -> int | None:
-    """The size of `axis` (a name or tuple of names), or `None` outside `shard_map`."""
+def axis_size(axis: AxisName | None) -> int | None:
+    """The size of `axis` (a name or tuple of names), or `None` outside `shard_map`.
+
+    `axis=None` (a layer that is not split) is never bound.
+    """
+    if not _names(axis):
+        return None
     try:
         return math.prod(lax.axis_size(a) for a in _names(axis))
     except NameError:

@@ -1,13 +1,14 @@
 """Runs the documentation: every ```python block of every docs/*.md page.
 
 The blocks of one page run in order in one shared namespace, like the cells of a
-notebook, in this process (8 simulated CPU devices, strict dtype promotion and rank
-promotion raising, see conftest.py). A block followed directly by a fence opened with
-```text title="Output" must print exactly that text. Tracebacks point at the page's own
-line numbers.
+notebook, in this process (8 simulated CPU devices, strict dtype promotion, rank
+promotion raising: see conftest.py). A python block followed directly by a block
+opened with ```text title="Output" must print exactly that text. Tracebacks give the
+page's own line numbers.
 """
 
 import contextlib
+import dataclasses
 import io
 import pathlib
 import re
@@ -17,26 +18,32 @@ import types
 import pytest
 
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
-# Tutorials that must hold code (and so be tested), not just prose.
+# Tutorial pages: they must hold code, so that they are tested.
 MUST_RUN = ("index.md", "meshes.md", "tensor-parallel.md")
 
 _OPEN = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<lang>[\w+-]*)(?P<info>.*)$")
 
 
+@dataclasses.dataclass
 class Block:
-    def __init__(self, lang: str, info: str, line: int, source: str):
-        self.lang, self.info, self.line, self.source = lang, info, line, source
+    lang: str
+    info: str
+    first: int  # 0-based index of the opening fence
+    last: int  # 0-based index of the closing fence
+    source: str
+
+    @property
+    def line(self) -> int:
+        """1-based line number of the block's first line of code."""
+        return self.first + 2
 
     @property
     def is_output(self) -> bool:
         return self.lang == "text" and 'title="Output"' in self.info
 
 
-def parse(text: str) -> list[tuple[Block, Block | None]]:
-    """The page's python blocks, each with the Output block right after it (or None)."""
-    lines = text.splitlines()
-    blocks: list[tuple[Block, int]] = []  # (block, index of its closing line)
-    i = 0
+def _blocks(lines: list[str]) -> list[Block]:
+    blocks, i = [], 0
     while i < len(lines):
         match = _OPEN.match(lines[i])
         if match is None:
@@ -49,25 +56,33 @@ def parse(text: str) -> list[tuple[Block, Block | None]]:
             j += 1
         if j == len(lines):
             raise ValueError(f"unclosed code fence opened on line {i + 1}")
-        body = [ln[len(indent) :] if ln.startswith(indent) else ln.lstrip() for ln in lines[i + 1 : j]]
-        blocks.append((Block(match["lang"], match["info"], i + 2, "\n".join(body) + "\n"), j))
+        body = [ln.removeprefix(indent) for ln in lines[i + 1 : j]]
+        blocks.append(Block(match["lang"], match["info"], i, j, "\n".join(body) + "\n"))
         i = j + 1
+    return blocks
+
+
+def parse(text: str) -> list[tuple[Block, Block | None]]:
+    """The page's python blocks in order, each with the Output block after it, or None."""
+    lines = text.splitlines()
+    blocks = _blocks(lines)
+
+    def adjacent(a: Block, b: Block) -> bool:
+        return not any(ln.strip() for ln in lines[a.last + 1 : b.first])
+
     pairs = []
-    for k, (block, end) in enumerate(blocks):
-        if block.is_output:
-            prev = blocks[k - 1] if k else None
-            gap = lines[prev[1] + 1 : block.line - 2] if prev else ["x"]
-            if prev is None or prev[0].lang != "python" or any(ln.strip() for ln in gap):
-                raise ValueError(
-                    f'the Output block on line {block.line - 1} must follow a python block '
-                    f"directly (only blank lines between)"
-                )
-        if block.lang != "python":
-            continue
-        nxt = blocks[k + 1] if k + 1 < len(blocks) else None
-        gap = lines[end + 1 : nxt[0].line - 2] if nxt else ["x"]
-        output = nxt[0] if nxt and nxt[0].is_output and not any(ln.strip() for ln in gap) else None
-        pairs.append((block, output))
+    for k, block in enumerate(blocks):
+        if block.is_output and not (
+            k and blocks[k - 1].lang == "python" and adjacent(blocks[k - 1], block)
+        ):
+            raise ValueError(
+                f"the Output block on line {block.first + 1} must directly follow a python "
+                f"block (only blank lines between)"
+            )
+        if block.lang == "python":
+            nxt = blocks[k + 1] if k + 1 < len(blocks) else None
+            output = nxt if nxt and nxt.is_output and adjacent(block, nxt) else None
+            pairs.append((block, output))
     return pairs
 
 
@@ -85,24 +100,23 @@ def test_page(page: str):
     path = DOCS / page
     module = types.ModuleType(f"docs_{path.stem.replace('-', '_')}")
     module.__file__ = str(path)
-    sys.modules[module.__name__] = module
+    sys.modules[module.__name__] = module  # so that classes defined on the page pickle
     try:
         for block, output in parse(path.read_text()):
-            # Pad so that tracebacks give the line number in the .md file.
+            # Pad with blank lines so that tracebacks give the line number in the page.
             code = compile("\n" * (block.line - 1) + block.source, str(path), "exec")
             printed = io.StringIO()
             try:
                 with contextlib.redirect_stdout(printed):
                     exec(code, module.__dict__)
-            except BaseException:
-                sys.stdout.write(printed.getvalue())
-                raise
+            finally:
+                sys.stdout.write(printed.getvalue())  # shown by pytest if the test fails
             if output is not None:
                 got = [ln.rstrip() for ln in printed.getvalue().rstrip().splitlines()]
                 want = [ln.rstrip() for ln in output.source.rstrip().splitlines()]
                 assert got == want, (
-                    f"{page}, block on line {block.line}: printed output differs from the "
-                    f"Output block on line {output.line}.\n--- printed ---\n"
+                    f"{page}: the block on line {block.line} printed something other than "
+                    f"its Output block on line {output.line}.\n--- printed ---\n"
                     + "\n".join(got)
                     + "\n--- documented ---\n"
                     + "\n".join(want)
