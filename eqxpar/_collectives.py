@@ -289,9 +289,11 @@ def all_gather_matmul(
     block = x.shape[dim]
     out = jnp.zeros((*x.shape[:dim], block * n, *x.shape[dim + 1 : -1], weight.shape[0]), x.dtype)
     out = to_varying(out, axis)
-    rings = [(x, 1, 0)] if direction == "unidirectional" else [
-        (h, step, off) for h, step, off in zip(_halves(x, dim), (1, -1), (0, block // 2))
-    ]
+    rings = (
+        [(x, 1, 0)]
+        if direction == "unidirectional"
+        else [(h, step, off) for h, step, off in zip(_halves(x, dim), (1, -1), (0, block // 2))]
+    )
     for i in range(n):
         for r, (chunk, step, offset) in enumerate(rings):
             nxt = _shift(chunk, axis, step) if i < n - 1 else chunk

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import numpy as np
@@ -66,7 +66,7 @@ def make_mesh(
     context: int = 1,
     expert: int = 1,
     *,
-    devices: Sequence[jax.Device] | None = None,
+    devices: Sequence[Any] | None = None,
     axis_types: Literal["auto", "explicit"] = "auto",
 ) -> Mesh:
     """Builds a `jax.sharding.Mesh` with the five named axes eqxpar uses.
@@ -125,4 +125,3 @@ def describe_mesh(mesh) -> str:
     shown = {k: v for k, v in shape.items() if v > 1} or shape
     inner = ", ".join(f"{k!r}: {v}" for k, v in shown.items())
     return f"Mesh({inner})"
-

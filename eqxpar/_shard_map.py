@@ -12,8 +12,8 @@ from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 from jax.tree_util import keystr
 
-from ._mesh import describe_mesh
 from ._sharding import check_spec, partition_specs
+
 
 class _Pair:
     """A spec and the subtree it covers (deliberately not a pytree: a leaf)."""
@@ -140,13 +140,15 @@ def filter_shard_map(
     @functools.wraps(f)
     def mapped(*args: Any) -> Any:
         the_mesh = _current_mesh(mesh)
-        if isinstance(in_specs, tuple) and not isinstance(in_specs, P) and len(in_specs) != len(
-            args
+        if (
+            isinstance(in_specs, tuple)
+            and not isinstance(in_specs, P)
+            and len(in_specs) != len(args)
         ):
             raise ValueError(
-                f"filter_shard_map: in_specs has {len(in_specs)} entries but {getattr(f, '__name__', 'f')} was "
-                f"called with {len(args)} positional arguments; give one spec (or None) "
-                f"per argument."
+                f"filter_shard_map: in_specs has {len(in_specs)} entries but "
+                f"{getattr(f, '__name__', 'f')} was called with {len(args)} positional "
+                f"arguments; give one spec (or None) per argument."
             )
         flat_in = _expand(
             in_specs,

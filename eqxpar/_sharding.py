@@ -6,7 +6,7 @@ axis name, so the axis is settable per instance:
 
 ```python
 class ColumnParallelLinear(eqx.Module):
-    weight: Array = ep.sharded("axis_name", None)   # dim 0 on self.axis_name
+    weight: Array = eqx.field(metadata=ep.sharded("axis_name", None))  # dim 0 on axis_name
     axis_name: str = eqx.field(static=True)
 ```
 
@@ -37,44 +37,41 @@ T = TypeVar("T")
 AxisName = str | tuple[str, ...] | None
 
 
-def sharded(*dims: str | None, **field_kwargs: Any) -> Any:
-    """Declares how an array field is partitioned over the mesh.
+def sharded(*dims: str | None) -> dict[str, Any]:
+    """Field metadata declaring how an array field is partitioned over the mesh.
+
+    Use it as `weight: Array = eqx.field(metadata=eqxpar.sharded("axis_name", None))`.
 
     **Arguments:**
 
     - `*dims`: one entry per leading dim of the array: `None` (replicated along that
       dim) or the name of an attribute of the module whose value is the mesh axis name
       (a `str`, a tuple of `str`, or `None`). Dims past the last entry are replicated.
-    - `**field_kwargs`: passed on to `eqx.field` (e.g. `converter`).
 
     **Returns:**
 
-    A dataclass field for use in an `eqx.Module` body.
+    A metadata dict for `eqx.field` (merge it with `|` if you have other metadata).
     """
-    metadata = dict(field_kwargs.pop("metadata", {}))
-    metadata[_DIMS] = tuple(dims)
-    return eqx.field(metadata=metadata, **field_kwargs)
+    return {_DIMS: tuple(dims)}
 
 
-def stacked(*leading: str | None, **field_kwargs: Any) -> Any:
-    """Declares a sub-module field whose arrays all carry extra leading dims.
+def stacked(*leading: str | None) -> dict[str, Any]:
+    """Field metadata for a sub-module whose arrays all carry extra leading dims.
 
-    Used for layers stacked for `jax.lax.scan` (leading dim replicated, `None`) or for
-    pipeline stages (leading dim on the attribute holding `"pipeline"`). The declared
-    specs of the inner module are shifted right by `len(leading)`.
+    Use it as `layers: Block = eqx.field(metadata=eqxpar.stacked(None))` for layers
+    stacked for `jax.lax.scan` (leading dim replicated), or with the name of an
+    attribute holding `"pipeline"` for pipeline stages. The declared specs of the
+    inner module are shifted right by `len(leading)`.
 
     **Arguments:**
 
     - `*leading`: like `sharded`'s dims, for the added leading dims.
-    - `**field_kwargs`: passed on to `eqx.field`.
 
     **Returns:**
 
-    A dataclass field for use in an `eqx.Module` body.
+    A metadata dict for `eqx.field`.
     """
-    metadata = dict(field_kwargs.pop("metadata", {}))
-    metadata[_LEADING] = tuple(leading)
-    return eqx.field(metadata=metadata, **field_kwargs)
+    return {_LEADING: tuple(leading)}
 
 
 def is_arraylike(x: Any) -> bool:

@@ -62,9 +62,7 @@ def typechecked(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def check_shard(
-    layer: str, dim: str, got: int, global_size: int, axis: Any, parts: int
-) -> None:
+def check_shard(layer: str, dim: str, got: int, global_size: int, axis: Any, parts: int) -> None:
     """Raises `ShardShapeError` unless `got == global_size // parts`.
 
     **Arguments:**

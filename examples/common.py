@@ -27,16 +27,28 @@ def parse_mesh(text: str) -> dict[str, int]:
 def base_parser(description: str) -> argparse.ArgumentParser:
     """The flags every example takes."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--mesh", type=parse_mesh, default=None,
-                   help="mesh axis sizes, e.g. data=2,tensor=4 (default fits --devices)")
-    p.add_argument("--devices", type=int, default=8,
-                   help="simulate this many CPU devices (default 8; ignored on GPU/TPU)")
+    p.add_argument(
+        "--mesh",
+        type=parse_mesh,
+        default=None,
+        help="mesh axis sizes, e.g. data=2,tensor=4 (default fits --devices)",
+    )
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=8,
+        help="simulate this many CPU devices (default 8; ignored on GPU/TPU)",
+    )
     p.add_argument("--steps", type=int, default=300, help="training steps")
     p.add_argument("--batch-size", type=int, default=128, help="global batch size")
     p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
     p.add_argument("--seed", type=int, default=0, help="seed for init and data order")
-    p.add_argument("--out", type=Path, default=Path("runs"),
-                   help="where metrics (JSONL) and the loss plot (PNG) go")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs"),
+        help="where metrics (JSONL) and the loss plot (PNG) go",
+    )
     return p
 
 
@@ -67,8 +79,9 @@ def plot_losses(path: Path, rows: list[dict], title: str) -> None:
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
     evals = [r for r in rows if "eval_loss" in r]
     if evals:
-        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-",
-                label="test loss")
+        ax.plot(
+            [r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="test loss"
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy")
     ax.set_yscale("log")

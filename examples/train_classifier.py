@@ -19,8 +19,12 @@ from common import base_parser, plot_losses, start_devices, write_metrics
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--strategy", choices=("dp", "tp"), default="tp",
-                   help="dp: replicated model; tp: tensor-parallel blocks (default)")
+    p.add_argument(
+        "--strategy",
+        choices=("dp", "tp"),
+        default="tp",
+        help="dp: replicated model; tp: tensor-parallel blocks (default)",
+    )
     p.add_argument("--width", type=int, default=64, help="residual width")
     p.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps")
     return p.parse_args(argv)
@@ -44,21 +48,27 @@ def main(argv: list[str] | None = None) -> float:
     from models import SimpleClassifier, TPClassifier
 
     n = len(jax.devices())
-    sizes = args.mesh or ({"data": n} if args.strategy == "dp" else
-                          {"data": max(1, n // 4), "tensor": min(4, n)})
+    sizes = args.mesh or (
+        {"data": n} if args.strategy == "dp" else {"data": max(1, n // 4), "tensor": min(4, n)}
+    )
     try:
         mesh = ep.make_mesh(**sizes)
     except ValueError as e:
         sys.exit(f"--mesh: {e}")
     data_size = mesh.shape["data"]
     if args.batch_size % data_size:
-        sys.exit(f"--batch-size: {args.batch_size} does not split over data={data_size}; "
-                 f"use a multiple of {data_size}")
+        sys.exit(
+            f"--batch-size: {args.batch_size} does not split over data={data_size}; "
+            f"use a multiple of {data_size}"
+        )
 
     digits = load_digits()
     x = (digits.data / 16.0).astype(np.float32)
     x_train, x_test, y_train, y_test = train_test_split(
-        x, digits.target.astype(np.int32), test_size=0.25, random_state=args.seed,
+        x,
+        digits.target.astype(np.int32),
+        test_size=0.25,
+        random_state=args.seed,
         stratify=digits.target,
     )
     key = jax.random.key(args.seed)
@@ -102,8 +112,10 @@ def main(argv: list[str] | None = None) -> float:
     rng = np.random.default_rng(args.seed)
     rows: list[dict] = []
     mesh_text = ",".join(f"{k}={v}" for k, v in sizes.items())
-    print(f"{args.strategy}: {type(model).__name__} on {ep._mesh.describe_mesh(mesh)}, "
-          f"{len(x_train)} train / {len(x_test)} test digits")
+    print(
+        f"{args.strategy}: {type(model).__name__} on {ep._mesh.describe_mesh(mesh)}, "
+        f"{len(x_train)} train / {len(x_test)} test digits"
+    )
     bar = tqdm(range(1, args.steps + 1), desc="train", unit="step", mininterval=1.0)
     start = time.perf_counter()
     for step in bar:
@@ -123,8 +135,10 @@ def main(argv: list[str] | None = None) -> float:
     write_metrics(out / "metrics.jsonl", rows)
     plot_losses(out / "loss.png", rows, f"digits, {args.strategy} on {mesh_text}")
     accuracy = rows[-1]["accuracy"]
-    print(f"done in {elapsed:.1f}s: test accuracy {accuracy:.2%}; "
-          f"metrics in {out / 'metrics.jsonl'}, plot in {out / 'loss.png'}")
+    print(
+        f"done in {elapsed:.1f}s: test accuracy {accuracy:.2%}; "
+        f"metrics in {out / 'metrics.jsonl'}, plot in {out / 'loss.png'}"
+    )
     return accuracy
 
 

@@ -21,7 +21,12 @@ class SimpleClassifier(eqx.Module):
     layers: list[ColumnParallelLinear]
 
     def __init__(
-        self, in_features: int, num_classes: int, width: int = 64, depth: int = 2, *,
+        self,
+        in_features: int,
+        num_classes: int,
+        width: int = 64,
+        depth: int = 2,
+        *,
         key: PRNGKeyArray,
     ):
         """**Arguments:**

@@ -53,7 +53,9 @@ def test_dp_classifier_runs(tmp_path):
 def test_bad_flags_give_one_line_errors(flags, message):
     run = subprocess.run(
         [sys.executable, str(EXAMPLES / "train_classifier.py"), "--steps", "1", *flags],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode != 0
     assert message in run.stderr.strip().splitlines()[-1]

@@ -13,7 +13,7 @@ import eqxpar as ep
 class Scaled(eqx.Module):
     """Holds a sharded weight, a static field and a function leaf."""
 
-    weight: Array = ep.sharded("axis_name", None)
+    weight: Array = eqx.field(metadata=ep.sharded("axis_name", None))
     activation: object
     power: int = eqx.field(static=True)
     axis_name: str = eqx.field(static=True)

@@ -25,12 +25,10 @@ class Block(eqx.Module):
 class Stack(eqx.Module):
     """Layers stacked on a leading dim (for scan), declared with `ep.stacked`."""
 
-    layers: Block = ep.stacked(None)
+    layers: Block = eqx.field(metadata=ep.stacked(None))
 
     def __init__(self, n, dim, hidden, *, key):
-        self.layers = eqx.filter_vmap(lambda k: Block(dim, hidden, key=k))(
-            jax.random.split(key, n)
-        )
+        self.layers = eqx.filter_vmap(lambda k: Block(dim, hidden, key=k))(jax.random.split(key, n))
 
 
 class Net(eqx.Module):
@@ -74,7 +72,7 @@ def test_partition_specs_of_abstract_module(getkey):
 
 def test_declaration_on_missing_attribute():
     class Bad(eqx.Module):
-        w: Array = ep.sharded("axis")
+        w: Array = eqx.field(metadata=ep.sharded("axis"))
 
     with pytest.raises(AttributeError, match="Bad.w declares a sharded dim on attribute 'axis'"):
         ep.partition_specs(Bad(jnp.ones(4)))

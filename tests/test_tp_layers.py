@@ -68,8 +68,17 @@ def test_column_parallel_linear(data, tensor, gather_output, getkey):
     x = jax.random.normal(getkey(), (4, 3, 6))
     out_spec = P("data") if gather_output else P("data", None, "tensor")
     mesh = mesh_of(data, tensor)
-    g, want = parity(layer, x, mesh, P("data"), out_spec, lambda m, x: m(x),
-                     eqx_linear(layer), apply_linear, key=getkey())
+    g, want = parity(
+        layer,
+        x,
+        mesh,
+        P("data"),
+        out_spec,
+        lambda m, x: m(x),
+        eqx_linear(layer),
+        apply_linear,
+        key=getkey(),
+    )
     assert_trees_close((g.weight, g.bias), (want.weight, want.bias))
 
 
@@ -80,8 +89,17 @@ def test_row_parallel_linear(data, tensor, input_is_parallel, getkey):
     x = jax.random.normal(getkey(), (4, 3, HIDDEN))
     in_spec = P("data", None, "tensor") if input_is_parallel else P("data")
     mesh = mesh_of(data, tensor)
-    g, want = parity(layer, x, mesh, in_spec, P("data"), lambda m, x: m(x),
-                     eqx_linear(layer), apply_linear, key=getkey())
+    g, want = parity(
+        layer,
+        x,
+        mesh,
+        in_spec,
+        P("data"),
+        lambda m, x: m(x),
+        eqx_linear(layer),
+        apply_linear,
+        key=getkey(),
+    )
     # The bias is added once: its gradient is the plain sum over the batch.
     assert_trees_close((g.weight, g.bias), (want.weight, want.bias))
 
@@ -132,8 +150,17 @@ def test_vocab_parallel_embedding(data, tensor, sequence_parallel, getkey):
     dense = eqx.nn.Embedding(weight=emb.weight)
     out_spec = P("data", "tensor") if sequence_parallel else P("data")
     mesh = mesh_of(data, tensor)
-    g, want = parity(emb, ids, mesh, P("data"), out_spec, lambda m, i: m(i), dense,
-                     lambda e, i: jax.vmap(jax.vmap(e))(i), key=getkey())
+    g, want = parity(
+        emb,
+        ids,
+        mesh,
+        P("data"),
+        out_spec,
+        lambda m, i: m(i),
+        dense,
+        lambda e, i: jax.vmap(jax.vmap(e))(i),
+        key=getkey(),
+    )
     assert_trees_close(g.weight, want.weight)
 
 
@@ -143,8 +170,17 @@ def test_parallel_embedding(data, tensor, getkey):
     ids = jax.random.randint(getkey(), (4, 3), 0, 7)
     dense = eqx.nn.Embedding(weight=emb.weight)
     mesh = mesh_of(data, tensor)
-    g, want = parity(emb, ids, mesh, P("data"), P("data"), lambda m, i: m(i), dense,
-                     lambda e, i: jax.vmap(jax.vmap(e))(i), key=getkey())
+    g, want = parity(
+        emb,
+        ids,
+        mesh,
+        P("data"),
+        P("data"),
+        lambda m, i: m(i),
+        dense,
+        lambda e, i: jax.vmap(jax.vmap(e))(i),
+        key=getkey(),
+    )
     assert_trees_close(g.weight, want.weight)
 
 
@@ -205,12 +241,14 @@ def test_loss_is_stable_for_huge_logits(getkey):
     mesh = mesh_of(tensor=4)
     logits = 1e4 * jax.random.normal(getkey(), (3, VOCAB))
     labels = jnp.array([0, 7, 23])
-    fn = ep.filter_shard_map(vocab_parallel_cross_entropy, mesh=mesh,
-                             in_specs=(P(None, "tensor"), P()), out_specs=P())
+    fn = ep.filter_shard_map(
+        vocab_parallel_cross_entropy, mesh=mesh, in_specs=(P(None, "tensor"), P()), out_specs=P()
+    )
     got = fn(logits, labels)
     assert jnp.isfinite(got).all()
-    assert_trees_close(got, optax.softmax_cross_entropy_with_integer_labels(logits, labels),
-                       rtol=1e-5, atol=1e-2)
+    assert_trees_close(
+        got, optax.softmax_cross_entropy_with_integer_labels(logits, labels), rtol=1e-5, atol=1e-2
+    )
 
 
 def test_collective_matmul_needs_sequence_parallel(getkey):

@@ -66,8 +66,7 @@ def check_collective_matmul(layer: str, collective_matmul: Any, sequence_paralle
     """The collective-matmul switch is one of `COLLECTIVE_MATMUL` and needs SP."""
     if collective_matmul not in COLLECTIVE_MATMUL:
         raise ValueError(
-            f"{layer}: collective_matmul={collective_matmul!r}; use one of "
-            f"{COLLECTIVE_MATMUL}."
+            f"{layer}: collective_matmul={collective_matmul!r}; use one of {COLLECTIVE_MATMUL}."
         )
     if collective_matmul is not None and not sequence_parallel:
         raise ValueError(

@@ -39,7 +39,9 @@ class VocabParallelEmbedding(eqx.Module):
     gives the same table. Ids outside `[0, num_embeddings)` embed to zeros.
     """
 
-    weight: Float[Array, "num_embeddings embedding_dim"] = sharded("axis_name", None)
+    weight: Float[Array, "num_embeddings embedding_dim"] = eqx.field(
+        metadata=sharded("axis_name", None)
+    )
     num_embeddings: int = eqx.field(static=True)
     embedding_dim: int = eqx.field(static=True)
     sequence_parallel: bool = eqx.field(static=True)
@@ -115,7 +117,9 @@ class ParallelEmbedding(eqx.Module):
     Outside `shard_map` it is `eqx.nn.Embedding` applied to every id.
     """
 
-    weight: Float[Array, "num_embeddings embedding_dim"] = sharded(None, "axis_name")
+    weight: Float[Array, "num_embeddings embedding_dim"] = eqx.field(
+        metadata=sharded(None, "axis_name")
+    )
     num_embeddings: int = eqx.field(static=True)
     embedding_dim: int = eqx.field(static=True)
     axis_name: str = eqx.field(static=True)

@@ -57,8 +57,10 @@ class ColumnParallelLinear(eqx.Module):
     the same key gives the same weights as `eqx.nn.Linear`.
     """
 
-    weight: Float[Array, "out_features in_features"] = sharded("axis_name", None)
-    bias: Float[Array, " out_features"] | None = sharded("axis_name")
+    weight: Float[Array, "out_features in_features"] = eqx.field(
+        metadata=sharded("axis_name", None)
+    )
+    bias: Float[Array, " out_features"] | None = eqx.field(metadata=sharded("axis_name"))
     in_features: int = eqx.field(static=True)
     out_features: int = eqx.field(static=True)
     use_bias: bool = eqx.field(static=True)
@@ -159,7 +161,9 @@ class RowParallelLinear(eqx.Module):
     Outside `shard_map` it is exactly `eqx.nn.Linear`.
     """
 
-    weight: Float[Array, "out_features in_features"] = sharded(None, "axis_name")
+    weight: Float[Array, "out_features in_features"] = eqx.field(
+        metadata=sharded(None, "axis_name")
+    )
     bias: Float[Array, " out_features"] | None
     in_features: int = eqx.field(static=True)
     out_features: int = eqx.field(static=True)
