@@ -139,12 +139,28 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
 
     def line(row: list[str]) -> str:
-        padded = [
-            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
-        ]
+        padded = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
         return "| " + " | ".join(padded) + " |"
 
-    rule = "|" + "|".join(
-        ":" + "-" * (w + 1) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)
-    ) + "|"
+    rule = (
+        "|"
+        + "|".join(
+            ":" + "-" * (w + 1) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)
+        )
+        + "|"
+    )
     return "\n".join([line(cells[0]), rule, *map(line, cells[1:])])
+
+
+def peak_matmul(device: jax.Device, n: int) -> tuple[Callable, tuple[jax.Array], int]:
+    """A compiled `n x n @ n x n` f32 matmul on `device`: the yardstick for "% of peak".
+
+    Time it together with the benchmark (`time_round_robin`), so that it runs under
+    the same load as the variants.
+
+    **Returns:**
+
+    The compiled matmul, its argument, and its FLOPs, `2 n^3`.
+    """
+    a = jax.device_put(jax.numpy.ones((n, n), jax.numpy.float32), device)
+    return jax.jit(lambda a: a @ a).lower(a).compile(), (a,), 2 * n**3

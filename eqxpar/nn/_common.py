@@ -39,7 +39,7 @@ def check_divisible(layer: str, field: str, size: int, axis_name: Any) -> None:
         fits = [d for d in range(1, parts + 1) if size % d == 0 and parts % d == 0]
         raise ValueError(
             f"{layer}: {field}={size} cannot be split {parts} ways over mesh axis "
-            f"{axis_name!r} of {describe_mesh(mesh)}. Use a {field} that is a multiple of "
+            f"{axis_name!r} of {describe_mesh(mesh)}. Make {field} a multiple of "
             f"{parts}, or a mesh whose {axis_name!r} size divides {size} "
             f"(e.g. {max(fits)})."
         )

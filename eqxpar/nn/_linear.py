@@ -6,7 +6,6 @@ from typing import Any, Literal
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._collectives import (
@@ -31,6 +30,12 @@ from ._common import (
 )
 
 CollectiveMatmul = Literal["unidirectional", "bidirectional"] | None
+
+
+def _rowvec(bias: jax.Array, ndim: int) -> jax.Array:
+    """The bias shaped `(1, ..., 1, out)` to add to a rank-`ndim` output (no rank promotion,
+    and no batch-sized bias gradient)."""
+    return bias.reshape((1,) * (ndim - 1) + bias.shape)
 
 
 def _init(in_features: int, out_features: int, use_bias: bool, dtype: Any, key: PRNGKeyArray):
@@ -140,7 +145,7 @@ class ColumnParallelLinear(eqx.Module):
             else:
                 y = copy_to_region(x, axis) @ self.weight.T
             if self.bias is not None:
-                y = y + jnp.broadcast_to(self.bias, y.shape)
+                y = y + _rowvec(self.bias, y.ndim)
             if self.gather_output:
                 y = gather_from_region(y, axis)
             return y
@@ -255,5 +260,5 @@ class RowParallelLinear(eqx.Module):
                 # Under SP each device adds the bias to its own sequence block, so the
                 # bias gradient must be summed over the blocks: Megatron's f.
                 bias = copy_to_region(self.bias, axis) if self.sequence_parallel else self.bias
-                y = y + jnp.broadcast_to(bias, y.shape)
+                y = y + _rowvec(bias, y.ndim)
             return y
