@@ -49,16 +49,15 @@ def parse_mesh(text: str) -> dict[str, int]:
         name, eq, value = part.partition("=")
         if not eq or name not in MESH_AXES or not value.isdigit() or int(value) < 1:
             raise argparse.ArgumentTypeError(
-                f"--mesh: bad entry {part!r}; write AXIS=SIZE pairs joined by commas, AXIS "
+                f"bad entry {part!r}; write AXIS=SIZE pairs joined by commas, AXIS "
                 f"one of {', '.join(MESH_AXES)}, SIZE >= 1 (e.g. data=2,tensor=4)."
             )
         sizes[name] = int(value)
     return sizes
 
 
-def add_common_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Adds the flags every benchmark takes: `--devices`, `--mesh`, `--repeats`,
-    `--warmup`."""
+def add_run_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adds the flags `run.py` passes on to every benchmark: `--devices`, `--repeats`."""
     parser.add_argument(
         "--devices",
         type=int,
@@ -67,13 +66,24 @@ def add_common_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         "e.g. on a GPU machine (so does JAX_PLATFORMS=cuda)",
     )
     parser.add_argument(
+        "--repeats", type=int, default=20, help="timed calls per variant (default 20)"
+    )
+    return parser
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adds the flags every benchmark takes: those of `add_run_flags`, `--mesh` and
+    `--warmup`."""
+    add_run_flags(parser)
+    parser.add_argument(
         "--mesh",
         type=parse_mesh,
         default=parse_mesh("data=2,tensor=4"),
         help="mesh axis sizes (default data=2,tensor=4); uses the first data*tensor devices",
     )
-    parser.add_argument("--repeats", type=int, default=10, help="timed calls per variant")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per variant")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="untimed calls per variant (default 2)"
+    )
     return parser
 
 

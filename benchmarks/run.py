@@ -10,7 +10,7 @@ import argparse
 import importlib
 import time
 
-from _common import start_devices
+from _common import add_run_flags, start_devices
 
 # Module names in benchmarks/; each has `main(argv)`.
 BENCHMARKS = ("tp_mlp",)
@@ -19,14 +19,7 @@ BENCHMARKS = ("tp_mlp",)
 def main(argv: list[str] | None = None) -> None:
     """Starts the devices once, then runs each benchmark's `main` in turn."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--devices",
-        type=int,
-        default=8,
-        help="simulate this many CPU devices (default 8); 0 keeps JAX's own platform, "
-        "e.g. on a GPU machine (so does JAX_PLATFORMS=cuda)",
-    )
-    parser.add_argument("--repeats", type=int, default=10, help="timed calls per variant")
+    add_run_flags(parser)
     parser.add_argument(
         "--only", choices=BENCHMARKS, action="append", help="run just this benchmark"
     )

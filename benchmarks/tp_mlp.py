@@ -159,17 +159,21 @@ class Variant:
 
 
 def _dense_one_device(params: Params, x: jax.Array, mesh: jax.sharding.Mesh):
+    """Variant 1: everything on the mesh's first device."""
     device = mesh.devices.flat[0]
     return jax.jit(dense_step), jax.device_put((params, x), device)
 
 
 def _gspmd(params: Params, x: jax.Array, mesh: jax.sharding.Mesh):
+    """Variant 2: Megatron's placement as `NamedSharding`s; XLA picks the collectives."""
     specs = {"w1": P("tensor"), "b1": P("tensor"), "w2": P(None, "tensor"), "b2": P()}
     placed = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in params.items()}
     return jax.jit(dense_step), (placed, jax.device_put(x, NamedSharding(mesh, P("data"))))
 
 
 def _eqxpar(**parallel: Any) -> Callable:
+    """Variants 3-6: a `TPMLP` with these layer options, placed by its declared specs."""
+
     def build(params: Params, x: jax.Array, mesh: jax.sharding.Mesh):
         x_spec = P("data", "tensor") if parallel.get("sequence_parallel") else P("data")
         mlp = ep.shard(TPMLP(params, **parallel, key=jax.random.key(0)), mesh)
@@ -388,12 +392,13 @@ def report(
         lines += [
             "",
             f"Note: the {len(jax.devices())} simulated devices share this machine's "
-            f"{os.cpu_count()} CPU core(s), and so does the",
-            "single-device baseline: the ratios measure the overhead and correctness of "
-            "each schedule,",
-            "not speed-up (the baseline even loses some parallelism the 8 device threads "
-            "get). Real",
-            "speed-ups need a multi-GPU machine: run with --devices 0 there.",
+            f"{os.cpu_count()} CPU core(s) with the single-device",
+            "baseline, and collectives are memory copies: this measures each schedule's "
+            "overhead and",
+            "correctness, not speed-up (an `x base` below 1 only means 8 device threads kept "
+            "the cores",
+            "busier than one device's program). Real speed-ups need a multi-GPU machine: "
+            "--devices 0 there.",
         ]
     return "\n".join(lines)
 

@@ -27,9 +27,14 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 AxisName = str | tuple[str, ...]
 Direction = Literal["unidirectional", "bidirectional"]
+
+COLLECTIVE_OUTPUT = "eqxpar.collective"
+"""The `checkpoint_name` of every region mapping's output, so a remat policy can save
+collective results instead of communicating again during the backward pass."""
 
 
 def _names(axis: AxisName | None) -> tuple[str, ...]:
@@ -101,7 +106,7 @@ def copy_to_region(x: jax.Array, axis: AxisName) -> jax.Array:
     """Megatron's f: identity forward, all-reduce (sum) over `axis` backward."""
     if axis_size(axis) is None:
         return x
-    return _copy(x, axis, _is_varying(x, axis))
+    return checkpoint_name(_copy(x, axis, _is_varying(x, axis)), COLLECTIVE_OUTPUT)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -124,7 +129,7 @@ def reduce_from_region(x: jax.Array, axis: AxisName) -> jax.Array:
     """Megatron's g: all-reduce (sum) over `axis` forward, identity backward."""
     if axis_size(axis) is None:
         return x
-    return _reduce(to_varying(x, axis), axis)
+    return checkpoint_name(_reduce(to_varying(x, axis), axis), COLLECTIVE_OUTPUT)
 
 
 # -- gather / split along a dim ---------------------------------------------------------
@@ -156,7 +161,7 @@ def gather_from_region(x: jax.Array, axis: AxisName, dim: int = -1) -> jax.Array
     """All-gather along `dim` (result identical on every device); backward: split."""
     if axis_size(axis) is None:
         return x
-    return _gather(to_varying(x, axis), axis, dim % x.ndim)
+    return checkpoint_name(_gather(to_varying(x, axis), axis, dim % x.ndim), COLLECTIVE_OUTPUT)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
@@ -180,7 +185,7 @@ def scatter_to_region(x: jax.Array, axis: AxisName, dim: int = -1) -> jax.Array:
     """Keep this device's block of `dim`; backward: all-gather along `dim`."""
     if axis_size(axis) is None:
         return x
-    return _scatter(x, axis, dim % x.ndim, _is_varying(x, axis))
+    return checkpoint_name(_scatter(x, axis, dim % x.ndim, _is_varying(x, axis)), COLLECTIVE_OUTPUT)
 
 
 # -- sequence parallelism ---------------------------------------------------------------
@@ -206,7 +211,7 @@ def gather_from_sequence(x: jax.Array, axis: AxisName, dim: int = -2) -> jax.Arr
     """All-gather sequence shards along `dim`; backward: reduce-scatter along `dim`."""
     if axis_size(axis) is None:
         return x
-    return _seq_gather(to_varying(x, axis), axis, dim % x.ndim)
+    return checkpoint_name(_seq_gather(to_varying(x, axis), axis, dim % x.ndim), COLLECTIVE_OUTPUT)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -230,7 +235,7 @@ def reduce_scatter_to_sequence(x: jax.Array, axis: AxisName, dim: int = -2) -> j
     all-gather along `dim`."""
     if axis_size(axis) is None:
         return x
-    return _seq_scatter(to_varying(x, axis), axis, dim % x.ndim)
+    return checkpoint_name(_seq_scatter(to_varying(x, axis), axis, dim % x.ndim), COLLECTIVE_OUTPUT)
 
 
 # -- collective matmuls -----------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Public access to Megatron's region mappings and the collective matmuls."""
 
+from ._collectives import COLLECTIVE_OUTPUT as COLLECTIVE_OUTPUT
 from ._collectives import all_gather_matmul as all_gather_matmul
 from ._collectives import axis_size as axis_size
 from ._collectives import copy_to_region as copy_to_region

@@ -1,7 +1,16 @@
-"""Parallel layers: tensor-parallel linear layers, embeddings and the vocab-parallel loss."""
+"""Parallel layers: tensor-parallel linear layers, embeddings, attention, MLP, norms, loss."""
 
+from ._attention import KVCache as KVCache
+from ._attention import ParallelAttention as ParallelAttention
+from ._attention import rotary as rotary
+from ._dropout import indexed_dropout as indexed_dropout
 from ._embedding import ParallelEmbedding as ParallelEmbedding
 from ._embedding import VocabParallelEmbedding as VocabParallelEmbedding
 from ._linear import ColumnParallelLinear as ColumnParallelLinear
 from ._linear import RowParallelLinear as RowParallelLinear
+from ._linear import column_parallel_matmul as column_parallel_matmul
+from ._loss import vocab_parallel_argmax as vocab_parallel_argmax
 from ._loss import vocab_parallel_cross_entropy as vocab_parallel_cross_entropy
+from ._mlp import ParallelMLP as ParallelMLP
+from ._norm import LayerNorm as LayerNorm
+from ._norm import RMSNorm as RMSNorm

@@ -46,6 +46,44 @@ def _init(in_features: int, out_features: int, use_bias: bool, dtype: Any, key: 
     return weight, bias
 
 
+def column_parallel_matmul(
+    x: Array,
+    weight: Array,
+    *,
+    axis_name: str | None,
+    sequence_parallel: bool = False,
+    collective_matmul: CollectiveMatmul = None,
+) -> Array:
+    """`x @ weight.T` with `weight` this device's block of output rows (no bias).
+
+    The core of `ColumnParallelLinear`, also used where a weight is shared, as in a
+    language-model head tied to the embedding table.
+
+    **Arguments:**
+
+    - `x`: `(*batch, in)`, replicated over `axis_name`; with `sequence_parallel`,
+      `(*batch, seq_shard, in)`.
+    - `weight`: per-shard `(out_shard, in)`.
+    - `axis_name`: the mesh axis the rows are split over.
+    - `sequence_parallel`: all-gather `x` along the sequence dim (-2) first.
+    - `collective_matmul`: overlap that all-gather with the matmul (needs
+      `sequence_parallel`).
+
+    **Returns:**
+
+    Per-shard `(*batch, out_shard)` (sequence dim whole). Forward: no collective, or
+    the sequence all-gather; backward: all-reduce (or reduce-scatter) of the input
+    gradient.
+    """
+    if sequence_parallel and x.ndim < 2:
+        raise ValueError("sequence_parallel needs (*batch, seq, in) input.")
+    if collective_matmul is not None:
+        return all_gather_matmul(x, weight, axis_name, dim=-2, direction=collective_matmul)
+    if sequence_parallel:
+        return gather_from_sequence(x, axis_name, dim=-2) @ weight.T
+    return copy_to_region(x, axis_name) @ weight.T
+
+
 class ColumnParallelLinear(eqx.Module):
     """`y = x W^T + b` with the rows of `W` (the output features) split over an axis.
 
@@ -134,16 +172,13 @@ class ColumnParallelLinear(eqx.Module):
             axis = self.axis_name
             check_shard(name, "in_features", x.shape[-1], self.in_features, axis, 1)
             check_local(name, "weight", self.weight, 0, self.out_features, axis)
-            if self.sequence_parallel and x.ndim < 2:
-                raise ValueError(f"{name}: sequence_parallel needs (*batch, seq, in) input.")
-            if self.collective_matmul is not None:
-                y = all_gather_matmul(
-                    x, self.weight, axis, dim=-2, direction=self.collective_matmul
-                )
-            elif self.sequence_parallel:
-                y = gather_from_sequence(x, axis, dim=-2) @ self.weight.T
-            else:
-                y = copy_to_region(x, axis) @ self.weight.T
+            y = column_parallel_matmul(
+                x,
+                self.weight,
+                axis_name=axis,
+                sequence_parallel=self.sequence_parallel,
+                collective_matmul=self.collective_matmul,
+            )
             if self.bias is not None:
                 y = y + _rowvec(self.bias, y.ndim)
             if self.gather_output:

@@ -70,3 +70,31 @@ def vocab_parallel_cross_entropy(
         if ignore_index is not None:
             keep = keep & (labels != ignore_index)
         return jnp.where(keep, loss, 0.0)
+
+
+def vocab_parallel_argmax(
+    logits: Float[Array, "*batch vocab_shard"], *, axis_name: str = "tensor"
+) -> Int[Array, "*batch"]:
+    """The global arg-max id of logits split over the vocabulary, without gathering them.
+
+    Each device finds its best id and value; an all-gather of those `(t, *batch)`
+    pairs picks the winner (the lowest id on ties, like `jnp.argmax`).
+
+    **Arguments:**
+
+    - `logits`: per-shard `(*batch, vocab_shard)`.
+    - `axis_name`: the mesh axis the vocabulary is split over.
+
+    **Returns:**
+
+    Global ids `(*batch)`, identical on every device.
+    """
+    start, _ = vocab_range(logits.shape[-1] * shard_count(axis_name), axis_name)
+    best = jnp.max(logits, axis=-1)
+    ids = jnp.argmax(logits, axis=-1).astype(jnp.int32) + start
+    if axis_size(axis_name) is None:
+        return ids
+    all_best = lax.all_gather(best, axis_name, to="invarying")  # (t, *batch)
+    all_ids = lax.all_gather(ids, axis_name, to="invarying")
+    winner = jnp.argmax(all_best, axis=0)
+    return jnp.take_along_axis(all_ids, winner[None], axis=0)[0]
