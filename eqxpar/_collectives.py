@@ -29,6 +29,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
+from ._shard_map import varying_axes
+
 AxisName = str | tuple[str, ...]
 Direction = Literal["unidirectional", "bidirectional"]
 
@@ -64,12 +66,6 @@ def shard_count(axis: AxisName) -> int:
 def shard_index(axis: AxisName) -> jax.Array | int:
     """This device's index along `axis` (0 outside `shard_map`)."""
     return 0 if axis_size(axis) is None else lax.axis_index(axis)
-
-
-def varying_axes(x: jax.Array) -> frozenset:
-    """The mesh axes along which `x` may differ between devices (empty outside)."""
-    mat = getattr(jax.typeof(x), "mat", None)
-    return frozenset() if mat is None else mat.varying
 
 
 def to_varying(x: jax.Array, axis: AxisName) -> jax.Array:
@@ -246,6 +242,16 @@ def _shift(x: jax.Array, axis: AxisName, step: int) -> jax.Array:
     return lax.ppermute(x, axis, perm=[(j, (j + step) % n) for j in range(n)])
 
 
+def _vary_like(weight: jax.Array, x: jax.Array) -> jax.Array:
+    """Marks `weight` varying wherever `x` is (e.g. over "data") once, before a ring.
+
+    Otherwise every ring step's matmul broadcasts the weight implicitly, and the
+    backward pass all-reduces one weight-sized gradient per step instead of their sum.
+    """
+    missing = tuple(a for a in varying_axes(x) if a not in varying_axes(weight))
+    return to_varying(weight, missing) if missing else weight
+
+
 def _check_even(block: int) -> None:
     if block % 2:
         raise ValueError(
@@ -289,6 +295,7 @@ def all_gather_matmul(
     n = axis_size(axis)
     if n is None:
         return x @ weight.T
+    weight = _vary_like(weight, x)
     me = lax.axis_index(axis)
     dim = dim % x.ndim
     block = x.shape[dim]
@@ -335,6 +342,7 @@ def matmul_reduce_scatter(
     n = axis_size(axis)
     if n is None:
         return x @ weight.T
+    weight = _vary_like(weight, x)
     me = lax.axis_index(axis)
     dim = dim % x.ndim
     block = x.shape[dim] // n

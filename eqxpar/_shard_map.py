@@ -12,6 +12,7 @@ from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 from jax.tree_util import keystr
 
+from ._mesh import describe_mesh
 from ._sharding import check_spec, partition_specs
 
 
@@ -26,8 +27,12 @@ def _is_spec_leaf(x: Any) -> bool:
     return x is None or isinstance(x, P)
 
 
-def _expand(specs: Any, tree: Any, mesh: Any, root: str, *, divisible: bool) -> list:
+def _expand(
+    specs: Any, tree: Any, mesh: Any, root: str, *, divisible: bool, names: list | None = None
+) -> list:
     """One spec per leaf of `tree` (None for non-arrays), checked, from a prefix tree.
+
+    If `names` is given, the key path of each array leaf is appended to it.
 
     A `None` in `specs` means "the declared specs" (`partition_specs`) for the whole
     subtree below it; a `PartitionSpec` applies to every array below it.
@@ -56,7 +61,34 @@ def _expand(specs: Any, tree: Any, mesh: Any, root: str, *, divisible: bool) -> 
             where = f"{root}{keystr(prefix)}{keystr(path)}"
             check_spec(leaf_spec, leaf, mesh, where, divisible=divisible)
             out.append(leaf_spec)
+            if names is not None:
+                names.append(where)
     return out
+
+
+def varying_axes(x: jax.Array) -> frozenset:
+    """The mesh axes along which `x` may differ between devices (empty outside)."""
+    mat = getattr(jax.typeof(x), "mat", None)
+    return frozenset() if mat is None else mat.varying
+
+
+def _check_replication(leaf: Any, spec: P, where: str, mesh: Any) -> None:
+    """An output may vary only along the mesh axes its spec names (check_vma's rule,
+    with the leaf's name and the fix)."""
+    named = {a for entry in spec if entry is not None for a in _axes(entry)}
+    extra = sorted(varying_axes(leaf) - named)
+    if extra:
+        axes = ", ".join(repr(a) for a in extra)
+        raise ValueError(
+            f"{where}: the value may differ between devices along mesh axis {axes} of "
+            f"{describe_mesh(mesh)}, but its spec {spec} says it is replicated there. Reduce "
+            f"it first (e.g. jax.lax.psum or pmean over {axes}), or name the axis in the spec "
+            f"if each device's block is wanted."
+        )
+
+
+def _axes(entry: Any) -> tuple:
+    return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def _current_mesh(mesh: Any) -> Any:
@@ -173,15 +205,20 @@ def filter_shard_map(
             out = f(*treedef.unflatten(_fill(static, mask, dyn_leaves)))
             out_leaves, out_def = jax.tree.flatten(out)
             out_mask = [eqx.is_array(x) for x in out_leaves]
+            for leaf, (where, spec) in zip(
+                (x for x, m in zip(out_leaves, out_mask, strict=True) if m),
+                out_box.get("check", ()),
+            ):
+                _check_replication(leaf, spec, where, the_mesh)
             out_box.update(
                 treedef=out_def,
                 mask=out_mask,
                 static=[None if m else x for x, m in zip(out_leaves, out_mask, strict=True)],
                 abstract=out,
             )
-            return [x for x, m in zip(out_leaves, out_mask, strict=True) if m]
+            return tuple(x for x, m in zip(out_leaves, out_mask, strict=True) if m)
 
-        def run(flat_out_specs: Any) -> list:
+        def run(flat_out_specs: Any) -> tuple:
             return jax.shard_map(
                 per_shard,
                 mesh=mesh,
@@ -205,8 +242,14 @@ def filter_shard_map(
             *dyn,
         )
         abstract_out = out_box["abstract"]
-        flat_out = _expand(out_specs, abstract_out, the_mesh, "out_specs", divisible=False)
-        out_dyn = run([s for s in flat_out if s is not None])
+        names: list[str] = []
+        flat_out = _expand(
+            out_specs, abstract_out, the_mesh, "out_specs", divisible=False, names=names
+        )
+        dyn_out_specs = tuple(s for s in flat_out if s is not None)
+        if check_vma:
+            out_box["check"] = list(zip(names, dyn_out_specs, strict=True))
+        out_dyn = run(dyn_out_specs)
         return out_box["treedef"].unflatten(_fill(out_box["static"], out_box["mask"], out_dyn))
 
     return mapped

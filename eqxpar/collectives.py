@@ -13,3 +13,4 @@ from ._collectives import scatter_to_region as scatter_to_region
 from ._collectives import shard_count as shard_count
 from ._collectives import shard_index as shard_index
 from ._collectives import to_varying as to_varying
+from ._shard_map import varying_axes as varying_axes

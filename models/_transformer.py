@@ -208,7 +208,13 @@ def _remat(fn: Any, remat: Remat) -> Any:
                 f"{jax.devices()[0].platform} offers {sorted(memories)}. Use "
                 f"remat='selective' instead."
             )
-        saved = policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+        offload = policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+
+        def saved(*args: Any, **params: Any) -> Any:
+            # Collective outputs stay on the device; matmul outputs go to the host.
+            return True if keep_collectives(*args, **params) else offload(*args, **params)
+
+        return jax.checkpoint(fn, policy=saved, prevent_cse=False)
     policy = policies.save_from_both_policies(saved, keep_collectives)
     return jax.checkpoint(fn, policy=policy, prevent_cse=False)
 
@@ -373,8 +379,11 @@ class Transformer(eqx.Module):
 
         Greedy when `temperature == 0`, else samples from `softmax(logits / T)` with
         the Gumbel-max trick, drawing noise for the global vocabulary so the result
-        is the same on any mesh. Works inside `filter_shard_map` (each device keeps
-        the cache of its own KV heads; no logits are gathered) and outside it.
+        is the same however the vocabulary and heads are split. Works inside
+        `filter_shard_map` (each device keeps the cache of its own KV heads; no logits
+        are gathered) and outside it. With the batch split over `"data"`, fold the data
+        index into `key` (`jax.random.fold_in(key, jax.lax.axis_index("data"))`) so the
+        data shards draw independent noise.
 
         **Arguments:**
 
