@@ -20,7 +20,7 @@ $(VENV)/.stamp-%: pyproject.toml | $(PY)
 comma := ,
 
 train: $(VENV)/.stamp-examples
-	$(PY) examples/train_classifier.py --devices $(DEVICES)
+	$(PY) examples/train_transformer.py --devices $(DEVICES)
 
 test: $(VENV)/.stamp-dev+examples
 	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile

@@ -52,6 +52,35 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def make_train_step(local_loss, optim, mesh, batch_specs):
+    """A jitted `step(model, opt_state, *batch, key) -> (model, opt_state, loss)`.
+
+    `local_loss(model, *batch, key)` returns this device's *sum* of losses divided by
+    the global number of examples, so the gradient's implicit sum over `"data"` (the
+    model is replicated there, and `check_vma` transposes that broadcast to a psum) is
+    the global mean gradient. The optimizer then runs on the global arrays.
+    """
+    import equinox as eqx
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    import eqxpar as ep
+
+    @ep.filter_shard_map(mesh=mesh, in_specs=(None, *batch_specs, P()), out_specs=(P(), None))
+    def loss_and_grads(model, *batch_and_key):
+        loss, grads = eqx.filter_value_and_grad(local_loss)(model, *batch_and_key)
+        return jax.lax.psum(loss, "data"), grads
+
+    @eqx.filter_jit
+    def step(model, opt_state, *batch_and_key):
+        loss, grads = loss_and_grads(model, *batch_and_key)
+        params = eqx.filter(model, eqx.is_array)
+        updates, opt_state = optim.update(grads, opt_state, params)
+        return eqx.apply_updates(model, updates), opt_state, loss
+
+    return step
+
+
 def start_devices(n: int) -> None:
     """Simulate `n` CPU devices unless an accelerator platform was asked for."""
     import eqxpar as ep

@@ -14,7 +14,7 @@ import argparse
 import sys
 import time
 
-from common import base_parser, plot_losses, start_devices, write_metrics
+from common import base_parser, make_train_step, plot_losses, start_devices, write_metrics
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,22 +81,11 @@ def main(argv: list[str] | None = None) -> float:
     opt_state = optim.init(eqx.filter(model, eqx.is_array))
     batch = args.batch_size
 
-    def local_loss(model, x, y):
-        # Sum over this device's examples divided by the *global* batch: the gradient's
-        # implicit sum over "data" (check_vma) then gives the global mean gradient.
+    def local_loss(model, x, y, key):
         losses = optax.softmax_cross_entropy_with_integer_labels(model(x), y)
         return jnp.sum(losses) / batch
 
-    @ep.filter_shard_map(mesh=mesh, in_specs=(None, P("data"), P("data")), out_specs=(P(), None))
-    def loss_and_grads(model, x, y):
-        loss, grads = eqx.filter_value_and_grad(local_loss)(model, x, y)
-        return jax.lax.psum(loss, "data"), grads
-
-    @eqx.filter_jit
-    def train_step(model, opt_state, x, y):
-        loss, grads = loss_and_grads(model, x, y)
-        updates, opt_state = optim.update(grads, opt_state, eqx.filter(model, eqx.is_array))
-        return eqx.apply_updates(model, updates), opt_state, loss
+    train_step = make_train_step(local_loss, optim, mesh, (P("data"), P("data")))
 
     @eqx.filter_jit
     def evaluate(model, x, y):
@@ -121,7 +110,7 @@ def main(argv: list[str] | None = None) -> float:
     for step in bar:
         idx = rng.choice(len(x_train), size=batch, replace=False)
         t0 = time.perf_counter()
-        model, opt_state, loss = train_step(model, opt_state, x_train[idx], y_train[idx])
+        model, opt_state, loss = train_step(model, opt_state, x_train[idx], y_train[idx], key)
         loss = float(loss)
         dt = time.perf_counter() - t0
         rows.append({"step": step, "loss": loss, "step_time_s": dt, "examples_per_s": batch / dt})

@@ -59,3 +59,36 @@ def test_bad_flags_give_one_line_errors(flags, message):
     )
     assert run.returncode != 0
     assert message in run.stderr.strip().splitlines()[-1]
+
+
+def test_transformer_learns_real_text(tmp_path):
+    import train_transformer
+
+    result = train_transformer.main(
+        ["--steps", "60", "--layers", "2", "--dim", "64", "--seq-len", "64", "--eval-every", "30",
+         "--sample-tokens", "20", "--sequence-parallel", "--out", str(tmp_path)]
+    )
+    evals = [r["eval_loss"] for r in result["rows"] if "eval_loss" in r]
+    losses = [r["loss"] for r in result["rows"] if "loss" in r]
+    assert evals[-1] < result["baseline"]  # beats the best context-free model
+    assert losses[-1] < 0.6 * losses[0]
+    assert len(result["sample"]) == len(b"The ") + 20
+    assert (tmp_path / "transformer" / "loss.png").exists()
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--mesh", "data=2,tensor=8"], "--mesh: make_mesh(data=2 x tensor=8) needs 16"),
+        (["--seq-len", "30", "--sequence-parallel"], "--seq-len: 30 does not split over tensor=4"),
+        (["--data", "/no/such/file"], "--data: /no/such/file is not a file"),
+        (["--heads", "3"], "model: TransformerConfig.dim=128: must be divisible by num_heads=3"),
+    ],
+)
+def test_transformer_bad_flags(flags, message):
+    run = subprocess.run(
+        [sys.executable, str(EXAMPLES / "train_transformer.py"), "--steps", "1", *flags],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode != 0
+    assert message in run.stderr.strip().splitlines()[-1]
