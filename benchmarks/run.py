@@ -13,7 +13,7 @@ import time
 from _common import add_run_flags, start_devices
 
 # Module names in benchmarks/; each has `main(argv)`.
-BENCHMARKS = ("tp_mlp",)
+BENCHMARKS = ("tp_mlp", "transformer_compile")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,11 +25,22 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     print(f"# eqxpar benchmarks on {start_devices(args.devices)}\n")
+    failed = []
     for name in args.only or BENCHMARKS:
         start = time.perf_counter()
         module = importlib.import_module(name)
-        module.main(["--devices", str(args.devices), "--repeats", str(args.repeats)])
-        print(f"\n({name}: {time.perf_counter() - start:.0f} s)\n")
+        status = ""
+        try:
+            module.main(["--devices", str(args.devices), "--repeats", str(args.repeats)])
+        except SystemExit as e:  # a failed check: report it, run the rest, exit non-zero
+            if not e.code:
+                raise
+            failed.append(name)
+            status = "FAILED, "
+            print(f"\n{e.code}", flush=True)
+        print(f"\n({name}: {status}{time.perf_counter() - start:.0f} s)\n", flush=True)
+    if failed:
+        raise SystemExit(f"benchmarks failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

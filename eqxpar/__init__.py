@@ -3,6 +3,7 @@
 from . import collectives as collectives
 from . import nn as nn
 from . import profile as profile
+from . import train as train
 from ._mesh import AXIS_ORDER as AXIS_ORDER
 from ._mesh import CONTEXT as CONTEXT
 from ._mesh import DATA as DATA

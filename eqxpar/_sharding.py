@@ -32,12 +32,13 @@ from ._mesh import describe_mesh
 
 _DIMS = "eqxpar.dims"
 _LEADING = "eqxpar.leading"
+_GATHERS = "eqxpar.gathers_on_use"
 
 T = TypeVar("T")
 AxisName = str | tuple[str, ...] | None
 
 
-def sharded(*dims: str | None) -> dict[str, Any]:
+def sharded(*dims: str | None, gathers_on_use: bool = False) -> dict[str, Any]:
     """Field metadata declaring how an array field is partitioned over the mesh.
 
     Use it as `weight: Array = eqx.field(metadata=eqxpar.sharded("axis_name", None))`.
@@ -47,12 +48,15 @@ def sharded(*dims: str | None) -> dict[str, Any]:
     - `*dims`: one entry per leading dim of the array: `None` (replicated along that
       dim) or the name of an attribute of the module whose value is the mesh axis name
       (a `str`, a tuple of `str`, or `None`). Dims past the last entry are replicated.
+    - `gathers_on_use`: the module all-gathers this array over the FSDP axis wherever
+      a dim arrives split (see `eqxpar.nn.local_param`), so FSDP may shard it. eqxpar's
+      layers set it for their weights.
 
     **Returns:**
 
     A metadata dict for `eqx.field` (merge it with `|` if you have other metadata).
     """
-    return {_DIMS: tuple(dims)}
+    return {_DIMS: tuple(dims), _GATHERS: gathers_on_use}
 
 
 def stacked(*leading: str | None) -> dict[str, Any]:
@@ -110,10 +114,20 @@ def _child(node: Any, key: Any) -> Any:
     return None  # an opaque custom pytree: nothing below it is declared
 
 
-def _leaf_spec(tree: Any, path: tuple, leaf: Any) -> P | None:
+@dataclasses.dataclass(frozen=True)
+class LeafLayout:
+    """What the declarations say about one array: its spec, how many of its leading
+    dims are stacked-layer dims (`stacked`), and whether its layer gathers it on use."""
+
+    spec: P
+    leading: int
+    gathers_on_use: bool
+
+
+def _leaf_layout(tree: Any, path: tuple, leaf: Any) -> LeafLayout | None:
     if not is_arraylike(leaf):
         return None
-    node, lead, dims = tree, (), ()
+    node, lead, dims, gathers = tree, (), (), False
     for depth, key in enumerate(path):
         if isinstance(node, eqx.Module) and isinstance(key, GetAttrKey):
             meta = _fields(type(node))[key.name].metadata
@@ -121,6 +135,7 @@ def _leaf_spec(tree: Any, path: tuple, leaf: Any) -> P | None:
                 lead += _resolve(node, key.name, meta[_LEADING])
             if depth == len(path) - 1 and _DIMS in meta:
                 dims = _resolve(node, key.name, meta[_DIMS])
+                gathers = bool(meta.get(_GATHERS, False))
         node = _child(node, key)
         if node is None:
             break
@@ -133,7 +148,12 @@ def _leaf_spec(tree: Any, path: tuple, leaf: Any) -> P | None:
         )
     while entries and entries[-1] is None:
         entries = entries[:-1]
-    return P(*entries)
+    return LeafLayout(P(*entries), len(lead), gathers)
+
+
+def layouts(tree: T) -> T:
+    """A `LeafLayout` for every array of `tree` (`None` elsewhere)."""
+    return jax.tree_util.tree_map_with_path(lambda p, x: _leaf_layout(tree, p, x), tree)
 
 
 def partition_specs(tree: T) -> T:
@@ -152,7 +172,11 @@ def partition_specs(tree: T) -> T:
     A pytree of the same structure with a `PartitionSpec` at every array leaf and
     `None` at every other leaf.
     """
-    return jax.tree_util.tree_map_with_path(lambda p, x: _leaf_spec(tree, p, x), tree)
+    return jax.tree.map(
+        lambda layout: None if layout is None else layout.spec,
+        layouts(tree),
+        is_leaf=lambda x: x is None or isinstance(x, LeafLayout),
+    )
 
 
 def _axes_of(entry: AxisName) -> tuple[str, ...]:

@@ -24,18 +24,33 @@ from common import base_parser, make_train_step, plot_losses, start_devices, wri
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = base_parser(__doc__.splitlines()[0])
     p.set_defaults(steps=300, batch_size=16, lr=3e-3)
-    p.add_argument("--data", type=Path, default=None,
-                   help="a UTF-8 text file (default: Python's bundled documentation)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="a UTF-8 text file (default: Python's bundled documentation)",
+    )
     p.add_argument("--seq-len", type=int, default=128, help="tokens (bytes) per sequence")
     p.add_argument("--dim", type=int, default=128, help="model width")
     p.add_argument("--layers", type=int, default=4, help="Transformer layers")
     p.add_argument("--heads", type=int, default=4, help="attention heads")
-    p.add_argument("--precision", choices=("f32", "bf16"), default="f32",
-                   help="compute dtype (parameters stay f32)")
-    p.add_argument("--remat", choices=("none", "full", "selective", "offload"),
-                   default="none", help="activation checkpointing policy")
-    p.add_argument("--sequence-parallel", action="store_true",
-                   help="Megatron sequence parallelism over the tensor axis")
+    p.add_argument(
+        "--precision",
+        choices=("f32", "bf16"),
+        default="f32",
+        help="compute dtype (parameters stay f32)",
+    )
+    p.add_argument(
+        "--remat",
+        choices=("none", "full", "selective", "offload"),
+        default="none",
+        help="activation checkpointing policy",
+    )
+    p.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        help="Megatron sequence parallelism over the tensor axis",
+    )
     p.add_argument("--dropout", type=float, default=0.0, help="residual dropout rate")
     p.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps")
     p.add_argument("--sample-tokens", type=int, default=200, help="bytes to generate")
@@ -85,16 +100,25 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"--mesh: {e}")
     data_size, tensor = mesh.shape["data"], mesh.shape["tensor"]
     if args.batch_size % data_size:
-        sys.exit(f"--batch-size: {args.batch_size} does not split over data={data_size}; "
-                 f"use a multiple of {data_size}")
+        sys.exit(
+            f"--batch-size: {args.batch_size} does not split over data={data_size}; "
+            f"use a multiple of {data_size}"
+        )
     if args.sequence_parallel and args.seq_len % tensor:
-        sys.exit(f"--seq-len: {args.seq_len} does not split over tensor={tensor} for "
-                 f"--sequence-parallel; use a multiple of {tensor}")
+        sys.exit(
+            f"--seq-len: {args.seq_len} does not split over tensor={tensor} for "
+            f"--sequence-parallel; use a multiple of {tensor}"
+        )
     try:
         config = TransformerConfig(
-            vocab_size=256, dim=args.dim, num_layers=args.layers, num_heads=args.heads,
-            max_seq_len=max(args.seq_len, 64) + args.sample_tokens, dropout=args.dropout,
-            sequence_parallel=args.sequence_parallel, remat=args.remat,
+            vocab_size=256,
+            dim=args.dim,
+            num_layers=args.layers,
+            num_heads=args.heads,
+            max_seq_len=max(args.seq_len, 64) + args.sample_tokens,
+            dropout=args.dropout,
+            sequence_parallel=args.sequence_parallel,
+            remat=args.remat,
             compute_dtype="bfloat16" if args.precision == "bf16" else "float32",
         )
         with jax.set_mesh(mesh):  # size checks against the mesh at construction
@@ -109,8 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
     train, held_out = corpus[:split], corpus[split:]
     baseline = unigram_entropy(train.astype(np.uint8).tobytes())
 
-    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, min(50, args.steps // 10 + 1),
-                                                  args.steps, args.lr / 10)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, args.lr, min(50, args.steps // 10 + 1), args.steps, args.lr / 10
+    )
     optim = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
     opt_state = optim.init(eqx.filter(model, eqx.is_array))
     batch, seq = args.batch_size, args.seq_len
@@ -125,7 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
     def evaluate(model, x, y):
         fn = ep.filter_shard_map(
             lambda m, x, y: jax.lax.pmean(jnp.mean(m.per_token_loss(x, y)), "data"),
-            mesh=mesh, in_specs=(None, P("data"), P("data")), out_specs=P(),
+            mesh=mesh,
+            in_specs=(None, P("data"), P("data")),
+            out_specs=P(),
         )
         return fn(model, x, y)
 
@@ -140,10 +167,12 @@ def main(argv: list[str] | None = None) -> dict:
     rows: list[dict] = []
     key = jax.random.key(args.seed + 1)
     mesh_text = ",".join(f"{k}={v}" for k, v in sizes.items())
-    print(f"Transformer: {count_params(model) / 1e6:.2f}M params, {config.num_layers} layers x "
-          f"{config.dim} wide, on {mesh_text} ({args.precision}, remat={args.remat}, "
-          f"SP={'on' if args.sequence_parallel else 'off'}); corpus {len(corpus):,} bytes; "
-          f"unigram baseline {baseline:.3f} nats/byte")
+    print(
+        f"Transformer: {count_params(model) / 1e6:.2f}M params, {config.num_layers} layers x "
+        f"{config.dim} wide, on {mesh_text} ({args.precision}, remat={args.remat}, "
+        f"SP={'on' if args.sequence_parallel else 'off'}); corpus {len(corpus):,} bytes; "
+        f"unigram baseline {baseline:.3f} nats/byte"
+    )
     bar = tqdm(range(1, args.steps + 1), desc="train", unit="step", mininterval=1.0)
     flops = flops_per_token(config, seq)
     start = time.perf_counter()
@@ -156,31 +185,47 @@ def main(argv: list[str] | None = None) -> dict:
         if not math.isfinite(loss):
             sys.exit(f"step {step}: the loss is {loss}; stopping (lower --lr?)")
         tok_s = batch * seq / dt
-        rows.append({"step": step, "loss": loss, "step_time_s": dt, "tokens_per_s": tok_s,
-                     "gflops_per_s": flops * tok_s / 1e9})
+        rows.append(
+            {
+                "step": step,
+                "loss": loss,
+                "step_time_s": dt,
+                "tokens_per_s": tok_s,
+                "gflops_per_s": flops * tok_s / 1e9,
+            }
+        )
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", ms=f"{1e3 * dt:.0f}")
         if step % args.eval_every == 0 or step == args.steps:
             eval_loss = float(evaluate(model, eval_x, eval_y))
             rows.append({"step": step, "eval_loss": eval_loss})
-            bar.write(f"step {step}: held-out loss {eval_loss:.3f} nats/byte "
-                      f"(unigram baseline {baseline:.3f})")
+            bar.write(
+                f"step {step}: held-out loss {eval_loss:.3f} nats/byte "
+                f"(unigram baseline {baseline:.3f})"
+            )
     elapsed = time.perf_counter() - start
 
     prompt_text = b"The "
     prompt = jnp.asarray(np.frombuffer(prompt_text, np.uint8).astype(np.int32))[None]
     sampler = model.with_config(sequence_parallel=False, remat="none")
-    generate = eqx.filter_jit(ep.filter_shard_map(
-        lambda m, p: m.generate(p, args.sample_tokens, temperature=0.7,
-                                key=jax.random.key(args.seed)),
-        mesh=mesh, in_specs=(None, P()), out_specs=P(),
-    ))
+    generate = eqx.filter_jit(
+        ep.filter_shard_map(
+            lambda m, p: m.generate(
+                p, args.sample_tokens, temperature=0.7, key=jax.random.key(args.seed)
+            ),
+            mesh=mesh,
+            in_specs=(None, P()),
+            out_specs=P(),
+        )
+    )
     sample = bytes(np.asarray(generate(sampler, prompt))[0].astype(np.uint8))
     out = args.out / "transformer"
     write_metrics(out / "metrics.jsonl", rows)
     plot_losses(out / "loss.png", rows, f"byte LM, {mesh_text}, baseline {baseline:.2f}")
     final = [r["eval_loss"] for r in rows if "eval_loss" in r][-1]
-    print(f"done in {elapsed:.0f}s: held-out loss {final:.3f} nats/byte vs unigram "
-          f"{baseline:.3f}; metrics in {out / 'metrics.jsonl'}, plot in {out / 'loss.png'}")
+    print(
+        f"done in {elapsed:.0f}s: held-out loss {final:.3f} nats/byte vs unigram "
+        f"{baseline:.3f}; metrics in {out / 'metrics.jsonl'}, plot in {out / 'loss.png'}"
+    )
     print("sample:\n" + sample.decode("utf-8", errors="replace"))
     return {"eval_loss": final, "baseline": baseline, "sample": sample, "rows": rows}
 

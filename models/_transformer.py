@@ -20,7 +20,6 @@ from eqxpar.nn import (
     ParallelMLP,
     RMSNorm,
     VocabParallelEmbedding,
-    column_parallel_matmul,
     indexed_dropout,
     vocab_parallel_argmax,
     vocab_parallel_cross_entropy,
@@ -170,7 +169,9 @@ class TransformerBlock(eqx.Module):
             key=ka,
         )
         self.mlp_norm = _norm(config)
-        self.mlp = ParallelMLP(config.dim, config.hidden, activation=config.activation, **kw, key=km)
+        self.mlp = ParallelMLP(
+            config.dim, config.hidden, activation=config.activation, **kw, key=km
+        )
         self.dropout = config.dropout
         self.sequence_parallel = config.sequence_parallel
         self.axis_name = config.axis_name
@@ -294,16 +295,9 @@ class Transformer(eqx.Module):
         return x
 
     def _logits(self, x: Array) -> Array:
-        c = self.config
         if self.head is not None:
             return self.head(x)
-        return column_parallel_matmul(
-            x,
-            self.embed.weight,
-            axis_name=c.axis_name,
-            sequence_parallel=c.sequence_parallel,
-            collective_matmul=c.collective_matmul,
-        )
+        return self.embed.attend(x, collective_matmul=self.config.collective_matmul)
 
     def __call__(
         self, tokens: Int[Array, "batch seq"], *, key: PRNGKeyArray | None = None
@@ -473,12 +467,16 @@ def flops_per_token(config: TransformerConfig, seq_len: int, *, training: bool =
     (forward + backward)."""
     c = config
     up = (2 if c.activation == "swiglu" else 1) * c.hidden
-    matmul = c.num_layers * (
-        c.dim * (c.num_heads + 2 * c.kv_heads) * c.head_dim
-        + c.num_heads * c.head_dim * c.dim
-        + c.dim * up
-        + c.hidden * c.dim
-    ) + c.vocab_size * c.dim
+    matmul = (
+        c.num_layers
+        * (
+            c.dim * (c.num_heads + 2 * c.kv_heads) * c.head_dim
+            + c.num_heads * c.head_dim * c.dim
+            + c.dim * up
+            + c.hidden * c.dim
+        )
+        + c.vocab_size * c.dim
+    )
     attention = c.num_layers * 4 * seq_len * c.num_heads * c.head_dim
     forward = 2 * matmul + attention
     return 3 * forward if training else forward

@@ -65,8 +65,23 @@ def test_transformer_learns_real_text(tmp_path):
     import train_transformer
 
     result = train_transformer.main(
-        ["--steps", "60", "--layers", "2", "--dim", "64", "--seq-len", "64", "--eval-every", "30",
-         "--sample-tokens", "20", "--sequence-parallel", "--out", str(tmp_path)]
+        [
+            "--steps",
+            "60",
+            "--layers",
+            "2",
+            "--dim",
+            "64",
+            "--seq-len",
+            "64",
+            "--eval-every",
+            "30",
+            "--sample-tokens",
+            "20",
+            "--sequence-parallel",
+            "--out",
+            str(tmp_path),
+        ]
     )
     evals = [r["eval_loss"] for r in result["rows"] if "eval_loss" in r]
     losses = [r["loss"] for r in result["rows"] if "loss" in r]
@@ -88,7 +103,9 @@ def test_transformer_learns_real_text(tmp_path):
 def test_transformer_bad_flags(flags, message):
     run = subprocess.run(
         [sys.executable, str(EXAMPLES / "train_transformer.py"), "--steps", "1", *flags],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode != 0
     assert message in run.stderr.strip().splitlines()[-1]

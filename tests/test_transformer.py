@@ -30,8 +30,9 @@ def sharded_loss_fn(mesh, *, key=None):
         total = jnp.sum(model.per_token_loss(x, y, key=key))
         return jax.lax.psum(total, "data") / (BATCH * SEQ)
 
-    return ep.filter_shard_map(local, mesh=mesh, in_specs=(None, P("data"), P("data")),
-                               out_specs=P())
+    return ep.filter_shard_map(
+        local, mesh=mesh, in_specs=(None, P("data"), P("data")), out_specs=P()
+    )
 
 
 def dense_loss(model, x, y, *, key=None):
@@ -56,7 +57,9 @@ def test_parity_with_unsharded_model(data, data_size, tensor, sequence_parallel,
     x, y = data
     mesh = mesh_of(data_size, tensor)
     logits_fn = ep.filter_shard_map(
-        lambda m, x: m(x), mesh=mesh, in_specs=(None, P("data")),
+        lambda m, x: m(x),
+        mesh=mesh,
+        in_specs=(None, P("data")),
         out_specs=P("data", None, "tensor"),
     )
     step = eqx.filter_jit(
@@ -100,12 +103,12 @@ def test_dropout_masks_do_not_depend_on_the_mesh(data):
     mesh = mesh_of(1, 4)
     loss_fn = ep.filter_shard_map(
         lambda m, x, y: jnp.mean(m.per_token_loss(x, y, key=key)),
-        mesh=mesh, in_specs=(None, P(), P()), out_specs=P(),
+        mesh=mesh,
+        in_specs=(None, P(), P()),
+        out_specs=P(),
     )
     loss, grads = eqx.filter_jit(eqx.filter_value_and_grad(loss_fn))(ep.shard(model, mesh), x, y)
-    want_loss, want_grads = eqx.filter_value_and_grad(
-        lambda m: dense_loss(m, x, y, key=key)
-    )(model)
+    want_loss, want_grads = eqx.filter_value_and_grad(lambda m: dense_loss(m, x, y, key=key))(model)
     assert_trees_close(loss, want_loss)
     assert_trees_close(grads, want_grads, rtol=1e-4, atol=1e-6)
     # Dropout really is on: a different key gives a different loss.
@@ -115,12 +118,20 @@ def test_dropout_masks_do_not_depend_on_the_mesh(data):
 def _collectives(config, mesh, *, grad):
     model = ep.shard(Transformer(config, key=jax.random.key(0)), mesh)
     x = tokens(batch=BATCH * mesh.shape["data"])
-    fn = ep.filter_shard_map(
-        lambda m, x: jax.lax.pmean(jnp.mean(m.per_token_loss(x, x)), "data"), mesh=mesh,
-        in_specs=(None, P("data")), out_specs=P(),
-    ) if grad else ep.filter_shard_map(
-        lambda m, x: m(x), mesh=mesh, in_specs=(None, P("data")),
-        out_specs=P("data", None, "tensor"),
+    fn = (
+        ep.filter_shard_map(
+            lambda m, x: jax.lax.pmean(jnp.mean(m.per_token_loss(x, x)), "data"),
+            mesh=mesh,
+            in_specs=(None, P("data")),
+            out_specs=P(),
+        )
+        if grad
+        else ep.filter_shard_map(
+            lambda m, x: m(x),
+            mesh=mesh,
+            in_specs=(None, P("data")),
+            out_specs=P("data", None, "tensor"),
+        )
     )
     step = eqx.filter_grad(fn) if grad else fn
     return count_collectives(eqx.filter_jit(step).lower(model, x).compile(), mesh)
@@ -185,7 +196,9 @@ def test_sharded_generation_matches_dense(temperature, data_size, tensor):
     mesh = mesh_of(data_size, tensor)
     gen = ep.filter_shard_map(
         lambda m, p: m.generate(p, 5, temperature=temperature, key=key),
-        mesh=mesh, in_specs=(None, P("data")), out_specs=P("data"),
+        mesh=mesh,
+        in_specs=(None, P("data")),
+        out_specs=P("data"),
     )
     got = eqx.filter_jit(gen)(ep.shard(model, mesh), prompt)
     np.testing.assert_array_equal(got, model.generate(prompt, 5, temperature=temperature, key=key))
@@ -211,19 +224,35 @@ def test_mixed_precision():
     assert abs(float(loss) - float(f32)) < 2e-2 * float(f32)
     grads = eqx.filter_grad(dense_loss)(model, x, x)
     assert grads.embed.weight.dtype == jnp.float32
-    bf16 = Transformer(SMALL.replace(param_dtype="bfloat16", compute_dtype="bfloat16"),
-                       key=jax.random.key(11))
+    bf16 = Transformer(
+        SMALL.replace(param_dtype="bfloat16", compute_dtype="bfloat16"), key=jax.random.key(11)
+    )
     assert bf16.layers.mlp.up.weight.dtype == jnp.bfloat16
 
 
 def test_param_and_flop_counts():
-    for config in [SMALL, SMALL.replace(activation="swiglu", num_kv_heads=2, use_bias=True,
-                                        norm="layernorm", tie_embeddings=True)]:
+    for config in [
+        SMALL,
+        SMALL.replace(
+            activation="swiglu",
+            num_kv_heads=2,
+            use_bias=True,
+            norm="layernorm",
+            tie_embeddings=True,
+        ),
+    ]:
         assert count_params(Transformer(config, key=jax.random.key(0))) == param_count(config)
     # GPT-2 small sizes: 124M parameters with a tied head (12 layers, 768 wide).
-    gpt2 = TransformerConfig(vocab_size=50257, dim=768, num_layers=12, num_heads=12,
-                             max_seq_len=1024, norm="layernorm", use_bias=True,
-                             tie_embeddings=True)
+    gpt2 = TransformerConfig(
+        vocab_size=50257,
+        dim=768,
+        num_layers=12,
+        num_heads=12,
+        max_seq_len=1024,
+        norm="layernorm",
+        use_bias=True,
+        tie_embeddings=True,
+    )
     assert 123e6 < param_count(gpt2) < 125e6  # GPT-2 has 124M, with learned positions
     n_matmul = 12 * 12 * 768**2 + 50257 * 768
     assert flops_per_token(gpt2, 1024) == 3 * (2 * n_matmul + 12 * 4 * 1024 * 768)

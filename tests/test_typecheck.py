@@ -32,7 +32,9 @@ def test_replicated_weight_inside_shard_map_is_caught(getkey):
     mesh = mesh_of(tensor=4)
     col = ColumnParallelLinear(6, 8, key=getkey())
     fn = ep.filter_shard_map(lambda m, x: m(x), mesh=mesh, in_specs=(P(), P()), out_specs=P())
-    with pytest.raises(ValueError, match=r"ColumnParallelLinear.weight: dim 0 has size 8"):
+    with pytest.raises(
+        ValueError, match=r"ColumnParallelLinear.weight: dim 0 has size 8 on this device"
+    ):
         fn(col, jnp.ones((2, 6)))
 
 

@@ -29,9 +29,7 @@ class KVCache(eqx.Module):
     length: Array
 
     @classmethod
-    def empty(
-        cls, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype: Any
-    ) -> KVCache:
+    def empty(cls, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype: Any) -> KVCache:
         """A cache of zeros for `kv_heads` (per-device) heads, `length = 0`."""
         zeros = jnp.zeros((batch, max_len, kv_heads, head_dim), dtype)
         return cls(zeros, zeros, jnp.zeros((), jnp.int32))
@@ -124,8 +122,7 @@ class ParallelAttention(eqx.Module):
         name = "ParallelAttention"
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
-                f"{name}: num_kv_heads={self.num_kv_heads} must divide "
-                f"num_heads={self.num_heads}."
+                f"{name}: num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}."
             )
         if self.head_dim % 2:
             raise ValueError(f"{name}: head_dim={self.head_dim} must be even for RoPE.")
@@ -189,4 +186,3 @@ class ParallelAttention(eqx.Module):
             flat = indexed_dropout(flat, self.dropout, key, index=heads, axis=1)
             probs = flat.reshape(probs.shape)
         return jnp.einsum("bkgst,btkd->bskgd", probs.astype(v.dtype), v)
-

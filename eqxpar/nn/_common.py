@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from .._collectives import shard_count
-from .._mesh import describe_mesh
+from .._collectives import axis_size, shard_count
+from .._mesh import DATA, describe_mesh
 
 COLLECTIVE_MATMUL = (None, "unidirectional", "bidirectional")
 
@@ -45,21 +48,63 @@ def check_divisible(layer: str, field: str, size: int, axis_name: Any) -> None:
         )
 
 
-def check_local(layer: str, name: str, array: jax.Array, dim: int, global_size: int, axis: Any):
-    """Inside `shard_map`: a sharded parameter must hold exactly its own block.
+_FSDP_AXIS: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "eqxpar_fsdp_axis", default=DATA
+)
 
-    Catches a module passed with the wrong in_specs (e.g. replicated), which would
-    otherwise compute a silently wrong result.
+
+@contextlib.contextmanager
+def fsdp_axis(name: str | None) -> Iterator[None]:
+    """Sets the mesh axis FSDP shards parameters over (default `"data"`; `None`: off)."""
+    token = _FSDP_AXIS.set(name)
+    try:
+        yield
+    finally:
+        _FSDP_AXIS.reset(token)
+
+
+def local_param(layer: str, name: str, array: jax.Array, expected: tuple[int, ...]) -> jax.Array:
+    """This device's block of a parameter, all-gathered over the FSDP axis if needed.
+
+    Inside `shard_map` a layer's parameter must be its tensor-parallel block,
+    `expected`. Under FSDP one dim may also arrive split over the FSDP axis: it is
+    all-gathered here, at the point of use, so only the layer being computed is ever
+    whole (inside a scanned stack: one layer at a time). The transpose of that gather
+    is the reduce-scatter of the gradient.
+
+    **Arguments:**
+
+    - `layer`, `name`: for messages, e.g. `"ColumnParallelLinear"`, `"weight"`.
+    - `array`: the parameter as this device holds it.
+    - `expected`: its tensor-parallel block shape.
+
+    **Returns:**
+
+    The `expected`-shaped block. Raises `ValueError` naming the dim if the array was
+    passed with the wrong specs.
     """
-    parts = shard_count(axis)
-    want = global_size // parts
-    if array.shape[dim] != want:
-        raise ValueError(
-            f"{layer}.{name}: dim {dim} has size {array.shape[dim]} on this device, but the "
-            f"layer is split {parts} ways over {axis!r}, so each device must hold {want} of "
-            f"{global_size}. Pass the module with its declared specs (in_specs=None for it "
-            f"in eqxpar.filter_shard_map, or eqxpar.partition_specs(module))."
-        )
+    shape = tuple(array.shape)
+    axis = _FSDP_AXIS.get()
+    n = axis_size(axis) if axis is not None else None
+    if n and len(shape) == len(expected):
+        for dim, (have, want) in enumerate(zip(shape, expected, strict=True)):
+            if have != want and have * n == want:
+                array = jax.lax.all_gather(array, axis, axis=dim, tiled=True)
+                break
+    for dim, (have, want) in enumerate(zip(array.shape, expected, strict=True)):
+        if have != want:
+            raise ValueError(
+                f"{layer}.{name}: dim {dim} has size {have} on this device, but this layer's "
+                f"block of it is {want} (shape {expected}). Pass the module with its declared "
+                f"specs (in_specs=None for it in eqxpar.filter_shard_map, or "
+                f"eqxpar.partition_specs(module))."
+            )
+    return array
+
+
+def tp_block(size: int, axis: Any) -> int:
+    """The size of a dim split over tensor-parallel `axis` (the whole size outside)."""
+    return size // shard_count(axis)
 
 
 def check_collective_matmul(layer: str, collective_matmul: Any, sequence_parallel: bool) -> None:

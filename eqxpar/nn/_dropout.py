@@ -35,7 +35,8 @@ def indexed_dropout(
     if key is None or rate == 0.0:
         return x
     moved = jnp.moveaxis(x, axis, 0)
-    keep = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - rate,
-                                                   moved.shape[1:]))(index)
+    keep = jax.vmap(
+        lambda i: jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - rate, moved.shape[1:])
+    )(index)
     out = jnp.where(keep, moved / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
     return jnp.moveaxis(out, 0, axis)

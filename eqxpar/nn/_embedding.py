@@ -18,7 +18,8 @@ from .._collectives import (
 )
 from .._sharding import sharded
 from .._typecheck import typechecked
-from ._common import check_divisible, check_local, default_float
+from ._common import check_divisible, default_float, local_param, tp_block
+from ._linear import CollectiveMatmul, column_parallel_matmul
 
 
 def vocab_range(size: int, axis: Any) -> tuple[jax.Array | int, int]:
@@ -40,7 +41,7 @@ class VocabParallelEmbedding(eqx.Module):
     """
 
     weight: Float[Array, "num_embeddings embedding_dim"] = eqx.field(
-        metadata=sharded("axis_name", None)
+        metadata=sharded("axis_name", None, gathers_on_use=True)
     )
     num_embeddings: int = eqx.field(static=True)
     embedding_dim: int = eqx.field(static=True)
@@ -92,11 +93,11 @@ class VocabParallelEmbedding(eqx.Module):
         name = "VocabParallelEmbedding"
         with jax.named_scope(f"eqxpar.{name}"):
             axis = self.axis_name
-            check_local(name, "weight", self.weight, 0, self.num_embeddings, axis)
+            weight = self._table()
             start, block = vocab_range(self.num_embeddings, axis)
             local = ids - start
             mine = (local >= 0) & (local < block)
-            rows = jnp.take(self.weight, jnp.where(mine, local, 0), axis=0)
+            rows = jnp.take(weight, jnp.where(mine, local, 0), axis=0)
             rows = jnp.where(mine[..., None], rows, jnp.zeros((), rows.dtype))
             if self.sequence_parallel:
                 if ids.ndim < 1 or ids.shape[-1] % shard_count(axis):
@@ -106,6 +107,36 @@ class VocabParallelEmbedding(eqx.Module):
                     )
                 return reduce_scatter_to_sequence(rows, axis, dim=-2)
             return reduce_from_region(rows, axis)
+
+    def _table(self) -> Array:
+        block = (tp_block(self.num_embeddings, self.axis_name), self.embedding_dim)
+        return local_param("VocabParallelEmbedding", "weight", self.weight, block)
+
+    @typechecked
+    def attend(
+        self, x: Float[Array, "*batch embedding_dim"], *, collective_matmul: CollectiveMatmul = None
+    ) -> Float[Array, "... vocab_shard"]:
+        """Logits against the table, `x @ weight.T`: a language-model head tied to the
+        embedding. Column-parallel over the vocabulary, like `ColumnParallelLinear`.
+
+        **Arguments:**
+
+        - `x`: `(*batch, embedding_dim)` replicated over `axis_name`; with
+          `sequence_parallel`, `(*batch, seq_shard, embedding_dim)` (all-gathered first).
+        - `collective_matmul`: overlap that all-gather with the matmul.
+
+        **Returns:**
+
+        Per-shard logits `(*batch, num_embeddings / t)`.
+        """
+        with jax.named_scope("eqxpar.VocabParallelEmbedding.attend"):
+            return column_parallel_matmul(
+                x,
+                self._table(),
+                axis_name=self.axis_name,
+                sequence_parallel=self.sequence_parallel,
+                collective_matmul=collective_matmul,
+            )
 
 
 class ParallelEmbedding(eqx.Module):
@@ -118,7 +149,7 @@ class ParallelEmbedding(eqx.Module):
     """
 
     weight: Float[Array, "num_embeddings embedding_dim"] = eqx.field(
-        metadata=sharded(None, "axis_name")
+        metadata=sharded(None, "axis_name", gathers_on_use=True)
     )
     num_embeddings: int = eqx.field(static=True)
     embedding_dim: int = eqx.field(static=True)
@@ -163,5 +194,6 @@ class ParallelEmbedding(eqx.Module):
         name = "ParallelEmbedding"
         with jax.named_scope(f"eqxpar.{name}"):
             axis = self.axis_name
-            check_local(name, "weight", self.weight, 1, self.embedding_dim, axis)
-            return gather_from_region(jnp.take(self.weight, ids, axis=0), axis)
+            block = (self.num_embeddings, tp_block(self.embedding_dim, axis))
+            weight = local_param(name, "weight", self.weight, block)
+            return gather_from_region(jnp.take(weight, ids, axis=0), axis)

@@ -24,8 +24,9 @@ from .._typecheck import check_shard, typechecked
 from ._common import (
     check_collective_matmul,
     check_divisible,
-    check_local,
     default_float,
+    local_param,
+    tp_block,
     uniform_init,
 )
 
@@ -101,9 +102,11 @@ class ColumnParallelLinear(eqx.Module):
     """
 
     weight: Float[Array, "out_features in_features"] = eqx.field(
-        metadata=sharded("axis_name", None)
+        metadata=sharded("axis_name", None, gathers_on_use=True)
     )
-    bias: Float[Array, " out_features"] | None = eqx.field(metadata=sharded("axis_name"))
+    bias: Float[Array, " out_features"] | None = eqx.field(
+        metadata=sharded("axis_name", gathers_on_use=True)
+    )
     in_features: int = eqx.field(static=True)
     out_features: int = eqx.field(static=True)
     use_bias: bool = eqx.field(static=True)
@@ -171,16 +174,17 @@ class ColumnParallelLinear(eqx.Module):
         with jax.named_scope(f"eqxpar.{name}"):
             axis = self.axis_name
             check_shard(name, "in_features", x.shape[-1], self.in_features, axis, 1)
-            check_local(name, "weight", self.weight, 0, self.out_features, axis)
+            out = tp_block(self.out_features, axis)
+            weight = local_param(name, "weight", self.weight, (out, self.in_features))
             y = column_parallel_matmul(
                 x,
-                self.weight,
+                weight,
                 axis_name=axis,
                 sequence_parallel=self.sequence_parallel,
                 collective_matmul=self.collective_matmul,
             )
             if self.bias is not None:
-                y = y + _rowvec(self.bias, y.ndim)
+                y = y + _rowvec(local_param(name, "bias", self.bias, (out,)), y.ndim)
             if self.gather_output:
                 y = gather_from_region(y, axis)
             return y
@@ -202,9 +206,9 @@ class RowParallelLinear(eqx.Module):
     """
 
     weight: Float[Array, "out_features in_features"] = eqx.field(
-        metadata=sharded(None, "axis_name")
+        metadata=sharded(None, "axis_name", gathers_on_use=True)
     )
-    bias: Float[Array, " out_features"] | None
+    bias: Float[Array, " out_features"] | None = eqx.field(metadata=sharded(gathers_on_use=True))
     in_features: int = eqx.field(static=True)
     out_features: int = eqx.field(static=True)
     use_bias: bool = eqx.field(static=True)
@@ -275,7 +279,8 @@ class RowParallelLinear(eqx.Module):
                 x = scatter_to_region(x, axis)
             parts = shard_count(axis)
             check_shard(name, "in_shard", x.shape[-1], self.in_features, axis, parts)
-            check_local(name, "weight", self.weight, 1, self.in_features, axis)
+            block = (self.out_features, tp_block(self.in_features, axis))
+            weight = local_param(name, "weight", self.weight, block)
             if self.sequence_parallel and x.ndim < 2:
                 raise ValueError(f"{name}: sequence_parallel needs (*batch, seq, in) input.")
             if self.sequence_parallel and x.shape[-2] % parts:
@@ -284,16 +289,15 @@ class RowParallelLinear(eqx.Module):
                     f"over {axis!r}; make it a multiple of {parts}."
                 )
             if self.collective_matmul is not None:
-                y = matmul_reduce_scatter(
-                    x, self.weight, axis, dim=-2, direction=self.collective_matmul
-                )
+                y = matmul_reduce_scatter(x, weight, axis, dim=-2, direction=self.collective_matmul)
             elif self.sequence_parallel:
-                y = reduce_scatter_to_sequence(x @ self.weight.T, axis, dim=-2)
+                y = reduce_scatter_to_sequence(x @ weight.T, axis, dim=-2)
             else:
-                y = reduce_from_region(x @ self.weight.T, axis)
+                y = reduce_from_region(x @ weight.T, axis)
             if self.bias is not None:
                 # Under SP each device adds the bias to its own sequence block, so the
                 # bias gradient must be summed over the blocks: Megatron's f.
-                bias = copy_to_region(self.bias, axis) if self.sequence_parallel else self.bias
+                bias = local_param(name, "bias", self.bias, (self.out_features,))
+                bias = copy_to_region(bias, axis) if self.sequence_parallel else bias
                 y = y + _rowvec(bias, y.ndim)
             return y

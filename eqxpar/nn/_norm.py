@@ -10,11 +10,14 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from .._collectives import copy_to_region
+from .._sharding import sharded
 from .._typecheck import typechecked
-from ._common import default_float
+from ._common import default_float, local_param
 
 
-def _param(weight: Array, sequence_parallel: bool, axis_name: str | None, ndim: int) -> Array:
+def _param(norm: RMSNorm | LayerNorm, name: str, ndim: int) -> Array:
+    weight = local_param(type(norm).__name__, name, getattr(norm, name), (norm.dim,))
+    sequence_parallel, axis_name = norm.sequence_parallel, norm.axis_name
     # Under sequence parallelism each device normalises its own sequence block, so the
     # replicated weight's gradient must be summed over the blocks (Megatron's f).
     if sequence_parallel:
@@ -29,7 +32,7 @@ class RMSNorm(eqx.Module):
     block and the weight's gradient is all-reduced over `axis_name`.
     """
 
-    weight: Float[Array, " dim"]
+    weight: Float[Array, " dim"] = eqx.field(metadata=sharded(gathers_on_use=True))
     dim: int = eqx.field(static=True)
     eps: float = eqx.field(static=True)
     sequence_parallel: bool = eqx.field(static=True)
@@ -62,7 +65,7 @@ class RMSNorm(eqx.Module):
         with jax.named_scope("eqxpar.RMSNorm"):
             h = x.astype(jnp.float32)
             h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
-            h = h * _param(self.weight, self.sequence_parallel, self.axis_name, x.ndim)
+            h = h * _param(self, "weight", x.ndim)
             return h.astype(x.dtype)
 
 
@@ -73,8 +76,8 @@ class LayerNorm(eqx.Module):
     sequence block and their gradients are all-reduced over `axis_name`.
     """
 
-    weight: Float[Array, " dim"]
-    bias: Float[Array, " dim"] | None
+    weight: Float[Array, " dim"] = eqx.field(metadata=sharded(gathers_on_use=True))
+    bias: Float[Array, " dim"] | None = eqx.field(metadata=sharded(gathers_on_use=True))
     dim: int = eqx.field(static=True)
     eps: float = eqx.field(static=True)
     sequence_parallel: bool = eqx.field(static=True)
@@ -113,7 +116,7 @@ class LayerNorm(eqx.Module):
             mean = jnp.mean(h, axis=-1, keepdims=True)
             var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
             h = (h - mean) * jax.lax.rsqrt(var + self.eps)
-            h = h * _param(self.weight, self.sequence_parallel, self.axis_name, x.ndim)
+            h = h * _param(self, "weight", x.ndim)
             if self.bias is not None:
-                h = h + _param(self.bias, self.sequence_parallel, self.axis_name, x.ndim)
+                h = h + _param(self, "bias", x.ndim)
             return h.astype(x.dtype)
