@@ -24,6 +24,12 @@ def parse_mesh(text: str) -> dict[str, int]:
     return sizes
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
 def base_parser(description: str) -> argparse.ArgumentParser:
     """The flags every example takes."""
     p = argparse.ArgumentParser(description=description)
@@ -39,8 +45,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
         default=8,
         help="simulate this many CPU devices (default 8; ignored on GPU/TPU)",
     )
-    p.add_argument("--steps", type=int, default=300, help="training steps")
-    p.add_argument("--batch-size", type=int, default=128, help="global batch size")
+    p.add_argument("--steps", type=_positive, default=300, help="training steps")
+    p.add_argument("--batch-size", type=_positive, default=128, help="global batch size")
     p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
     p.add_argument("--seed", type=int, default=0, help="seed for init and data order")
     p.add_argument(
@@ -50,35 +56,6 @@ def base_parser(description: str) -> argparse.ArgumentParser:
         help="where metrics (JSONL) and the loss plot (PNG) go",
     )
     return p
-
-
-def make_train_step(local_loss, optim, mesh, batch_specs):
-    """A jitted `step(model, opt_state, *batch, key) -> (model, opt_state, loss)`.
-
-    `local_loss(model, *batch, key)` returns this device's *sum* of losses divided by
-    the global number of examples, so the gradient's implicit sum over `"data"` (the
-    model is replicated there, and `check_vma` transposes that broadcast to a psum) is
-    the global mean gradient. The optimizer then runs on the global arrays.
-    """
-    import equinox as eqx
-    import jax
-    from jax.sharding import PartitionSpec as P
-
-    import eqxpar as ep
-
-    @ep.filter_shard_map(mesh=mesh, in_specs=(None, *batch_specs, P()), out_specs=(P(), None))
-    def loss_and_grads(model, *batch_and_key):
-        loss, grads = eqx.filter_value_and_grad(local_loss)(model, *batch_and_key)
-        return jax.lax.psum(loss, "data"), grads
-
-    @eqx.filter_jit
-    def step(model, opt_state, *batch_and_key):
-        loss, grads = loss_and_grads(model, *batch_and_key)
-        params = eqx.filter(model, eqx.is_array)
-        updates, opt_state = optim.update(grads, opt_state, params)
-        return eqx.apply_updates(model, updates), opt_state, loss
-
-    return step
 
 
 def start_devices(n: int) -> None:

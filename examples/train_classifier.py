@@ -14,7 +14,7 @@ import argparse
 import sys
 import time
 
-from common import base_parser, make_train_step, plot_losses, start_devices, write_metrics
+from common import base_parser, plot_losses, start_devices, write_metrics
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,21 +71,18 @@ def main(argv: list[str] | None = None) -> float:
         random_state=args.seed,
         stratify=digits.target,
     )
-    key = jax.random.key(args.seed)
     if args.strategy == "dp":
         make = lambda k: SimpleClassifier(64, 10, width=args.width, key=k)  # noqa: E731
     else:
         make = lambda k: TPClassifier(64, 10, width=args.width, key=k)  # noqa: E731
-    model = ep.sharded_init(make, key, mesh=mesh)
     optim = optax.adam(args.lr)
-    opt_state = optim.init(eqx.filter(model, eqx.is_array))
+    state = ep.train.init_state(make, jax.random.key(args.seed), optimizer=optim, mesh=mesh)
+
+    def loss_fn(model, x, y, key):
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(model(x), y))
+
+    train_step = ep.train.make_train_step(loss_fn, optim, mesh=mesh)
     batch = args.batch_size
-
-    def local_loss(model, x, y, key):
-        losses = optax.softmax_cross_entropy_with_integer_labels(model(x), y)
-        return jnp.sum(losses) / batch
-
-    train_step = make_train_step(local_loss, optim, mesh, (P("data"), P("data")))
 
     @eqx.filter_jit
     def evaluate(model, x, y):
@@ -102,7 +99,7 @@ def main(argv: list[str] | None = None) -> float:
     rows: list[dict] = []
     mesh_text = ",".join(f"{k}={v}" for k, v in sizes.items())
     print(
-        f"{args.strategy}: {type(model).__name__} on {ep._mesh.describe_mesh(mesh)}, "
+        f"{args.strategy}: {type(state.model).__name__} on {mesh_text}, "
         f"{len(x_train)} train / {len(x_test)} test digits"
     )
     bar = tqdm(range(1, args.steps + 1), desc="train", unit="step", mininterval=1.0)
@@ -110,13 +107,13 @@ def main(argv: list[str] | None = None) -> float:
     for step in bar:
         idx = rng.choice(len(x_train), size=batch, replace=False)
         t0 = time.perf_counter()
-        model, opt_state, loss = train_step(model, opt_state, x_train[idx], y_train[idx], key)
-        loss = float(loss)
+        state, metrics = train_step(state, x_train[idx], y_train[idx])
+        loss = float(metrics["loss"])
         dt = time.perf_counter() - t0
         rows.append({"step": step, "loss": loss, "step_time_s": dt, "examples_per_s": batch / dt})
         bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{batch / dt:,.0f}", ms=f"{1e3 * dt:.1f}")
         if step % args.eval_every == 0 or step == args.steps:
-            eval_loss, acc = evaluate(model, x_eval, y_eval)
+            eval_loss, acc = evaluate(state.model, x_eval, y_eval)
             rows.append({"step": step, "eval_loss": float(eval_loss), "accuracy": float(acc)})
             bar.write(f"step {step}: test loss {float(eval_loss):.4f}, accuracy {float(acc):.2%}")
     elapsed = time.perf_counter() - start

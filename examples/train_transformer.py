@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import base_parser, make_train_step, plot_losses, start_devices, write_metrics
+from common import base_parser, plot_losses, start_devices, write_metrics
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,6 +52,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Megatron sequence parallelism over the tensor axis",
     )
     p.add_argument("--dropout", type=float, default=0.0, help="residual dropout rate")
+    p.add_argument(
+        "--strategy",
+        choices=("dp", "zero1", "zero2", "fsdp"),
+        default="dp",
+        help="how the data axis shares model states (default dp)",
+    )
+    p.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clip")
     p.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps")
     p.add_argument("--sample-tokens", type=int, default=200, help="bytes to generate")
     return p.parse_args(argv)
@@ -121,8 +128,21 @@ def main(argv: list[str] | None = None) -> dict:
             remat=args.remat,
             compute_dtype="bfloat16" if args.precision == "bf16" else "float32",
         )
+        warmup = min(50, args.steps // 10 + 1)
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0, args.lr, warmup, max(args.steps, warmup + 1), args.lr / 10
+        )
+        optim = optax.adamw(schedule, weight_decay=0.01)
         with jax.set_mesh(mesh):  # size checks against the mesh at construction
-            model = ep.sharded_init(Transformer, config, key=jax.random.key(args.seed), mesh=mesh)
+            state = ep.train.init_state(
+                Transformer,
+                config,
+                key=jax.random.key(args.seed),
+                optimizer=optim,
+                mesh=mesh,
+                strategy=args.strategy,
+                rng=jax.random.key(args.seed + 1),
+            )
     except ValueError as e:
         sys.exit(f"model: {e}")
 
@@ -133,18 +153,14 @@ def main(argv: list[str] | None = None) -> dict:
     train, held_out = corpus[:split], corpus[split:]
     baseline = unigram_entropy(train.astype(np.uint8).tobytes())
 
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, args.lr, min(50, args.steps // 10 + 1), args.steps, args.lr / 10
-    )
-    optim = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
-    opt_state = optim.init(eqx.filter(model, eqx.is_array))
     batch, seq = args.batch_size, args.seq_len
 
-    def local_loss(model, x, y, key):
-        key = jax.random.fold_in(key, jax.lax.axis_index("data"))  # per-shard dropout
-        return jnp.sum(model.per_token_loss(x, y, key=key)) / (batch * seq)
+    def loss_fn(model, x, y, key):  # this data shard's mean; key: per step and shard
+        return jnp.mean(model.per_token_loss(x, y, key=key))
 
-    step_fn = make_train_step(local_loss, optim, mesh, (P("data"), P("data")))
+    step_fn = ep.train.make_train_step(
+        loss_fn, optim, mesh=mesh, strategy=args.strategy, clip_norm=args.clip_norm
+    )
 
     @eqx.filter_jit
     def evaluate(model, x, y):
@@ -165,11 +181,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     eval_x, eval_y = windows(held_out, 4 * batch)
     rows: list[dict] = []
-    key = jax.random.key(args.seed + 1)
     mesh_text = ",".join(f"{k}={v}" for k, v in sizes.items())
     print(
-        f"Transformer: {count_params(model) / 1e6:.2f}M params, {config.num_layers} layers x "
-        f"{config.dim} wide, on {mesh_text} ({args.precision}, remat={args.remat}, "
+        f"Transformer: {count_params(state.model) / 1e6:.2f}M params, {config.num_layers} layers x "
+        f"{config.dim} wide, on {mesh_text} ({args.strategy}, {args.precision}, "
+        f"remat={args.remat}, "
         f"SP={'on' if args.sequence_parallel else 'off'}); corpus {len(corpus):,} bytes; "
         f"unigram baseline {baseline:.3f} nats/byte"
     )
@@ -179,8 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
     for step in bar:
         x, y = windows(train, batch)
         t0 = time.perf_counter()
-        model, opt_state, loss = step_fn(model, opt_state, x, y, jax.random.fold_in(key, step))
-        loss = float(loss)
+        state, metrics = step_fn(state, x, y)
+        loss = float(metrics["loss"])
         dt = time.perf_counter() - t0
         if not math.isfinite(loss):
             sys.exit(f"step {step}: the loss is {loss}; stopping (lower --lr?)")
@@ -196,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", ms=f"{1e3 * dt:.0f}")
         if step % args.eval_every == 0 or step == args.steps:
-            eval_loss = float(evaluate(model, eval_x, eval_y))
+            eval_loss = float(evaluate(state.model, eval_x, eval_y))
             rows.append({"step": step, "eval_loss": eval_loss})
             bar.write(
                 f"step {step}: held-out loss {eval_loss:.3f} nats/byte "
@@ -206,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     prompt_text = b"The "
     prompt = jnp.asarray(np.frombuffer(prompt_text, np.uint8).astype(np.int32))[None]
-    sampler = model.with_config(sequence_parallel=False, remat="none")
+    sampler = state.model.with_config(sequence_parallel=False, remat="none")
     generate = eqx.filter_jit(
         ep.filter_shard_map(
             lambda m, p: m.generate(

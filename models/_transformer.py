@@ -333,7 +333,9 @@ class Transformer(eqx.Module):
         """Vocab-parallel cross-entropy of `targets` at each position, in float32.
 
         The full logits are never gathered. `mask` (`(batch, seq)` bool) zeroes
-        positions.
+        positions. Dropout masks depend on the token position and head, not on the
+        batch row's global index: with the batch split over `"data"`, give each data
+        shard its own `key` (`eqxpar.train.make_train_step` folds the data index in).
         """
         logits = self(tokens, key=key)
         return vocab_parallel_cross_entropy(
@@ -410,18 +412,26 @@ class Transformer(eqx.Module):
         cache = KVCache.empty(batch, total, kv_local, c.head_dim, dtype)
         caches = jax.tree.map(lambda a: jnp.stack([a] * c.num_layers), cache)
         logits, caches = model._step(prompt, caches)
+        start = prompt.shape[1]
+
+        def emit(out: Array, logits: Array, i: Array) -> tuple[Array, Array]:
+            token = model._sample(logits, temperature, jax.random.fold_in(key, i))
+            token = token[:, None].astype(prompt.dtype)
+            return jax.lax.dynamic_update_slice_in_dim(out, token, start + i, 1), token
+
         out = jnp.concatenate([prompt, jnp.zeros((batch, max_new_tokens), prompt.dtype)], 1)
+        if max_new_tokens == 0:
+            return out
+        out, token = emit(out, logits, jnp.zeros((), jnp.int32))
 
         def body(carry, i):
-            out, logits, caches = carry
-            token = model._sample(logits, temperature, jax.random.fold_in(key, i))
-            out = jax.lax.dynamic_update_slice_in_dim(
-                out, token[:, None].astype(out.dtype), prompt.shape[1] + i, 1
-            )
-            logits, caches = model._step(token[:, None].astype(prompt.dtype), caches)
-            return (out, logits, caches), None
+            out, token, caches = carry
+            logits, caches = model._step(token, caches)
+            out, token = emit(out, logits, i)
+            return (out, token, caches), None
 
-        (out, _, _), _ = jax.lax.scan(body, (out, logits, caches), jnp.arange(max_new_tokens))
+        steps = jnp.arange(1, max_new_tokens, dtype=jnp.int32)
+        (out, _, _), _ = jax.lax.scan(body, (out, token, caches), steps)
         return out
 
     def _step(self, tokens: Array, caches: KVCache) -> tuple[Array, KVCache]:

@@ -72,6 +72,7 @@ def vocab_parallel_cross_entropy(
         return jnp.where(keep, loss, 0.0)
 
 
+@typechecked
 def vocab_parallel_argmax(
     logits: Float[Array, "*batch vocab_shard"], *, axis_name: str = "tensor"
 ) -> Int[Array, "*batch"]:
@@ -89,12 +90,13 @@ def vocab_parallel_argmax(
 
     Global ids `(*batch)`, identical on every device.
     """
-    start, _ = vocab_range(logits.shape[-1] * shard_count(axis_name), axis_name)
-    best = jnp.max(logits, axis=-1)
-    ids = jnp.argmax(logits, axis=-1).astype(jnp.int32) + start
-    if axis_size(axis_name) is None:
-        return ids
-    all_best = lax.all_gather(best, axis_name, to="invarying")  # (t, *batch)
-    all_ids = lax.all_gather(ids, axis_name, to="invarying")
-    winner = jnp.argmax(all_best, axis=0)
-    return jnp.take_along_axis(all_ids, winner[None], axis=0)[0]
+    with jax.named_scope("eqxpar.vocab_parallel_argmax"):
+        start, _ = vocab_range(logits.shape[-1] * shard_count(axis_name), axis_name)
+        best = jnp.max(logits, axis=-1)
+        ids = jnp.argmax(logits, axis=-1).astype(jnp.int32) + start
+        if axis_size(axis_name) is None:
+            return ids
+        all_best = lax.all_gather(best, axis_name, to="invarying")  # (t, *batch)
+        all_ids = lax.all_gather(ids, axis_name, to="invarying")
+        winner = jnp.argmax(all_best, axis=0)
+        return jnp.take_along_axis(all_ids, winner[None], axis=0)[0]
