@@ -31,7 +31,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from ._shard_map import varying_axes
 
-AxisName = str | tuple[str, ...]
+AxisName = str | tuple[str, ...] | None
 Direction = Literal["unidirectional", "bidirectional"]
 
 COLLECTIVE_OUTPUT = "eqxpar.collective"

@@ -121,7 +121,7 @@ class TransformerConfig:
 
 
 def _norm(config: TransformerConfig) -> RMSNorm | LayerNorm:
-    kw = dict(
+    kw: dict[str, Any] = dict(
         sequence_parallel=config.sequence_parallel,
         axis_name=config.axis_name,
         dtype=config.param_dtype,
@@ -151,7 +151,7 @@ class TransformerBlock(eqx.Module):
 
     def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
         ka, km = jax.random.split(key)
-        kw = dict(
+        kw: dict[str, Any] = dict(
             use_bias=config.use_bias,
             sequence_parallel=config.sequence_parallel,
             collective_matmul=config.collective_matmul,

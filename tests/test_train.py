@@ -66,7 +66,11 @@ def test_matches_single_device_training(batches, reference_run, kind, sizes, con
     mesh = ep.make_mesh(**sizes)
     strategy = Strategy(kind, min_shard_size=256)
     state = init_state(
-        Transformer, config, key=jax.random.key(0), optimizer=OPTIMIZER, mesh=mesh,
+        Transformer,
+        config,
+        key=jax.random.key(0),
+        optimizer=OPTIMIZER,
+        mesh=mesh,
         strategy=strategy,
     )
     step = make_train_step(loss_fn, OPTIMIZER, mesh=mesh, strategy=strategy)
@@ -94,30 +98,36 @@ def test_adam_with_clipping_and_accumulation(batches):
     optimizer = optax.adam(3e-3)
     want, _ = reference(batches, 2, optimizer=optimizer, clip=0.5)
     mesh = mesh_of(data=2, tensor=2)
-    state = init_state(Transformer, CONFIG, key=jax.random.key(0), optimizer=optimizer,
-                       mesh=mesh, strategy="fsdp")
-    step = make_train_step(loss_fn, optimizer, mesh=mesh, strategy="fsdp", clip_norm=0.5,
-                           accumulation_steps=2)
+    state = init_state(
+        Transformer, CONFIG, key=jax.random.key(0), optimizer=optimizer, mesh=mesh, strategy="fsdp"
+    )
+    step = make_train_step(
+        loss_fn, optimizer, mesh=mesh, strategy="fsdp", clip_norm=0.5, accumulation_steps=2
+    )
     for x, y in batches[:2]:
         state, metrics = step(state, x, y)
         assert float(metrics["grad_norm"]) > 0.5  # so clipping is really exercised
-    assert_trees_close(eqx.filter(state.model, eqx.is_array), eqx.filter(want, eqx.is_array),
-                       rtol=1e-4, atol=1e-5)
+    assert_trees_close(
+        eqx.filter(state.model, eqx.is_array), eqx.filter(want, eqx.is_array), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_loss_scaling_skips_nonfinite_steps(batches):
     mesh = mesh_of(data=2)
-    state = init_state(Transformer, CONFIG, key=jax.random.key(0), optimizer=OPTIMIZER,
-                       mesh=mesh, strategy="zero2")
+    state = init_state(
+        Transformer, CONFIG, key=jax.random.key(0), optimizer=OPTIMIZER, mesh=mesh, strategy="zero2"
+    )
     step = make_train_step(loss_fn, OPTIMIZER, mesh=mesh, strategy="zero2", loss_scale=1024.0)
     x, y = batches[0]
     new, metrics = step(state, x, y)
     assert bool(metrics["finite"])
     want, _ = reference(batches, 1)
-    assert_trees_close(eqx.filter(new.model, eqx.is_array), eqx.filter(want, eqx.is_array),
-                       atol=2e-5)
-    overflow = make_train_step(lambda *a: loss_fn(*a) * jnp.inf, OPTIMIZER, mesh=mesh,
-                               strategy="zero2", loss_scale=1024.0)
+    assert_trees_close(
+        eqx.filter(new.model, eqx.is_array), eqx.filter(want, eqx.is_array), atol=2e-5
+    )
+    overflow = make_train_step(
+        lambda *a: loss_fn(*a) * jnp.inf, OPTIMIZER, mesh=mesh, strategy="zero2", loss_scale=1024.0
+    )
     same, metrics = overflow(state, x, y)
     assert not bool(metrics["finite"])
     assert_trees_close(eqx.filter(same.model, eqx.is_array), eqx.filter(state.model, eqx.is_array))
@@ -125,16 +135,24 @@ def test_loss_scaling_skips_nonfinite_steps(batches):
 
 def _compiled_step(kind, mesh, config=CONFIG):
     strategy = Strategy(kind, min_shard_size=256)
-    state = init_state(Transformer, config, key=jax.random.key(0), optimizer=OPTIMIZER,
-                       mesh=mesh, strategy=strategy)
+    state = init_state(
+        Transformer,
+        config,
+        key=jax.random.key(0),
+        optimizer=OPTIMIZER,
+        mesh=mesh,
+        strategy=strategy,
+    )
     step = make_train_step(loss_fn, OPTIMIZER, mesh=mesh, strategy=strategy)
     x = jnp.zeros((BATCH, SEQ), jnp.int32)
     return state, step.lower(state, x, x).compile()
 
 
 def _tp_replica_bytes(model, mesh):
-    return sum(sum(s.data.nbytes for s in leaf.addressable_shards) / len(mesh.devices.flat)
-               for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+    return sum(
+        sum(s.data.nbytes for s in leaf.addressable_shards) / len(mesh.devices.flat)
+        for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_array))
+    )
 
 
 def test_dp_all_reduces_the_gradient_bytes_once():
@@ -178,8 +196,14 @@ def test_fsdp_memory_is_an_eighth():
     mesh = mesh_of(data=8)
     config = CONFIG.replace(dim=64, mlp_dim=256, vocab_size=256)
     strategy = Strategy("fsdp")
-    state = init_state(Transformer, config, key=jax.random.key(0), optimizer=optax.adam(1e-3),
-                       mesh=mesh, strategy=strategy)
+    state = init_state(
+        Transformer,
+        config,
+        key=jax.random.key(0),
+        optimizer=optax.adam(1e-3),
+        mesh=mesh,
+        strategy=strategy,
+    )
     report = memory_report(state, strategy, mesh)
     total = sum(x.nbytes for x in jax.tree.leaves(eqx.filter(state.model, eqx.is_array)))
     opt_total = sum(x.nbytes for x in jax.tree.leaves(eqx.filter(state.opt_state, eqx.is_array)))
@@ -192,8 +216,14 @@ def test_fsdp_memory_is_an_eighth():
 @pytest.mark.usefixtures("optax_promotion")
 def test_init_state_never_builds_whole_arrays():
     mesh = mesh_of(data=2, tensor=4)
-    state = init_state(Transformer, CONFIG, key=jax.random.key(0), optimizer=optax.adam(1e-3),
-                       mesh=mesh, strategy=Strategy("fsdp", min_shard_size=256))
+    state = init_state(
+        Transformer,
+        CONFIG,
+        key=jax.random.key(0),
+        optimizer=optax.adam(1e-3),
+        mesh=mesh,
+        strategy=Strategy("fsdp", min_shard_size=256),
+    )
     up = state.model.layers.mlp.up.weight  # (layers, 64, 32): tensor on 64, data on 32
     assert {s.data.shape for s in up.addressable_shards} == {(2, 16, 16)}
     mu = state.opt_state[0].mu.layers.mlp.up.weight

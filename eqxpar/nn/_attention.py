@@ -106,7 +106,7 @@ class ParallelAttention(eqx.Module):
         kv = num_heads if num_kv_heads is None else num_kv_heads
         hd = dim // num_heads if head_dim is None else head_dim
         k1, k2 = jax.random.split(key)
-        kw = dict(
+        kw: dict[str, Any] = dict(
             use_bias=use_bias,
             sequence_parallel=sequence_parallel,
             collective_matmul=collective_matmul,

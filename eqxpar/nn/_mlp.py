@@ -57,7 +57,7 @@ class ParallelMLP(eqx.Module):
             raise ValueError(f"ParallelMLP: activation={activation!r}; use 'gelu' or 'swiglu'.")
         k1, k2 = jax.random.split(key)
         width = 2 * hidden if activation == "swiglu" else hidden
-        kw = dict(
+        kw: dict[str, Any] = dict(
             use_bias=use_bias,
             sequence_parallel=sequence_parallel,
             collective_matmul=collective_matmul,

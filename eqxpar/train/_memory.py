@@ -46,11 +46,14 @@ class MemoryReport:
             ("gradients", self.grads, self.theory_grads),
             ("optimizer state", self.opt_state, self.theory_opt_state),
         ]
-        lines = [f"{self.strategy} on data={self.data_size}: MiB per device",
-                 f"{'':18}{'measured':>10}{'theory':>10}"]
+        lines = [
+            f"{self.strategy} on data={self.data_size}: MiB per device",
+            f"{'':18}{'measured':>10}{'theory':>10}",
+        ]
         lines += [f"{name:18}{m / mib:10.3f}{t / mib:10.3f}" for name, m, t in rows]
         total = sum(m for _, m, _ in rows)
-        lines.append(f"{'model states':18}{total / mib:10.3f}{sum(t for *_, t in rows) / mib:10.3f}")
+        theory = sum(t for *_, t in rows)
+        lines.append(f"{'model states':18}{total / mib:10.3f}{theory / mib:10.3f}")
         if self.temp is not None:
             lines.append(f"{'step temporaries':18}{self.temp / mib:10.3f}{'':>10}")
         return "\n".join(lines)
@@ -98,9 +101,11 @@ def memory_report(
         psi += replica
         split = p.param_split or (p.zero_dim is not None and strategy.kind in ("zero2", "fsdp"))
         grads += replica / n if split else replica
-    opt_replica = sum(
-        leaf.nbytes for leaf in jax.tree.leaves(eqx.filter(state.opt_state, eqx.is_array))
-    ) * psi / max(sum(leaf.nbytes for leaf in jax.tree.leaves(params)), 1)
+    opt_replica = (
+        sum(leaf.nbytes for leaf in jax.tree.leaves(eqx.filter(state.opt_state, eqx.is_array)))
+        * psi
+        / max(sum(leaf.nbytes for leaf in jax.tree.leaves(params)), 1)
+    )
     kind = strategy.kind
     temp = None
     if compiled is not None:

@@ -84,6 +84,7 @@ def _local_step(
         if p.param_split:  # FSDP: the transpose of the all-gather already reduce-scattered
             return g / (data_size * scale)
         if _grad_split(p, strategy):
+            assert p.zero_dim is not None
             g = lax.psum_scatter(g, axis, scatter_dimension=p.zero_dim, tiled=True)
             return g / (data_size * scale)
         return lax.psum(g, axis) / (data_size * scale)
@@ -188,8 +189,7 @@ def make_train_step(
     sizes = dict(mesh.shape)
     if strategy.data_axis not in sizes:
         raise ValueError(
-            f"strategy data_axis {strategy.data_axis!r} is not an axis of the mesh "
-            f"{tuple(sizes)}."
+            f"strategy data_axis {strategy.data_axis!r} is not an axis of the mesh {tuple(sizes)}."
         )
 
     @eqx.filter_jit

@@ -127,9 +127,9 @@ def plan(model: Any, strategy: str | Strategy, mesh: Any) -> Any:
         )
     data_size = sizes[strategy.data_axis]
     return jax.tree.map(
-        lambda layout, leaf: None
-        if layout is None
-        else _plan_leaf(layout, leaf, strategy, data_size),
+        lambda layout, leaf: (
+            None if layout is None else _plan_leaf(layout, leaf, strategy, data_size)
+        ),
         layouts(model),
         model,
         is_leaf=lambda x: x is None or isinstance(x, LeafLayout),
@@ -148,15 +148,17 @@ def plan_leaves(plans: Any) -> list[LeafPlan]:
 def param_specs(plans: Any, strategy: Strategy) -> Any:
     """Specs of the parameters as stored (split only under FSDP)."""
     axis = strategy.data_axis
-    return jax.tree.map(lambda p: None if p is None else p.with_data(axis, p.param_split), plans,
-                        is_leaf=is_plan)
+    return jax.tree.map(
+        lambda p: None if p is None else p.with_data(axis, p.param_split), plans, is_leaf=is_plan
+    )
 
 
 def state_specs(plans: Any, strategy: Strategy) -> Any:
     """Specs of optimizer-state arrays shaped like the parameters (split under ZeRO)."""
     axis = strategy.data_axis
-    return jax.tree.map(lambda p: None if p is None else p.with_data(axis, True), plans,
-                        is_leaf=is_plan)
+    return jax.tree.map(
+        lambda p: None if p is None else p.with_data(axis, True), plans, is_leaf=is_plan
+    )
 
 
 def opt_state_specs(opt_state: Any, params: Any, specs: Any) -> Any:

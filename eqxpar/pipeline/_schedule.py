@@ -1,0 +1,531 @@
+"""Pipeline schedules as data: per-device programs simulated into tick tables.
+
+A schedule says, for every device (pipeline stage) and every tick of the step, which
+forward or backward it runs, or that it idles. Here each schedule writes Megatron's
+per-device *program* (the ordered list of actions each rank issues) and one simulator
+turns the programs into a `TickTable`: at every tick each device runs the next action
+of its program if that action's inputs have arrived, and idles otherwise. Tables are
+therefore valid by construction; `TickTable.validate` checks them again, and checks
+any hand-written table.
+
+Model chunks follow Megatron's interleaved layout: with `p` stages and `v` virtual
+stages per device the model is cut into `p·v` chunks in order, and device `d` holds
+chunks `d, d + p, d + 2p, ...`. Virtual index `c` on stage `s` is global chunk
+`g = c·p + s`.
+
+Time is counted in unit slots: one forward or one backward of one chunk for one
+microbatch takes one tick, and its output reaches the neighbouring device at the next
+tick.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Sequence
+from typing import Literal, final
+
+import numpy as np
+
+__all__ = [
+    "AbstractSchedule",
+    "Action",
+    "GPipe",
+    "Interleaved1F1B",
+    "OneFOneB",
+    "TickTable",
+]
+
+Kind = Literal["F", "B"]
+_Key = tuple[str, int, int]  # (kind, microbatch, global chunk)
+
+
+@final
+@dataclasses.dataclass(frozen=True)
+class Action:
+    """One forward (`"F"`) or backward (`"B"`) of one microbatch on one model chunk.
+
+    The device that runs it is the table column it sits in; idle slots are `None`.
+
+    **Arguments:**
+
+    - `kind`: `"F"` for a forward, `"B"` for a backward (input and weight gradients
+      together).
+    - `microbatch`: the microbatch index, `0 <= microbatch < m`.
+    - `virtual`: the virtual-stage (model-chunk) index on this device,
+      `0 <= virtual < v`; always `0` without interleaving.
+    """
+
+    kind: Kind
+    microbatch: int
+    virtual: int = 0
+
+    def __post_init__(self):
+        if self.kind not in ("F", "B"):
+            raise ValueError(f"Action(kind={self.kind!r}): kind must be 'F' or 'B'.")
+        for name in ("microbatch", "virtual"):
+            value = getattr(self, name)
+            if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"Action({name}={value!r}): must be a non-negative int.")
+            object.__setattr__(self, name, int(value))
+
+    def __str__(self) -> str:
+        chunk = f".{self.virtual}" if self.virtual else ""
+        return f"{self.kind}{self.microbatch}{chunk}"
+
+
+def _describe(action: Action, stage: int, p: int) -> str:
+    g = action.virtual * p + stage
+    return f"{action.kind}(microbatch={action.microbatch}, virtual={action.virtual}; chunk {g})"
+
+
+def _where(g: int, p: int) -> str:
+    return f"stage {g % p} (virtual {g // p}, chunk {g})"
+
+
+def _dependencies(kind: str, mb: int, g: int, n_chunks: int) -> list[_Key]:
+    """What must have run at an earlier tick before `kind` of (`mb`, chunk `g`)."""
+    if kind == "F":
+        return [("F", mb, g - 1)] if g > 0 else []
+    deps: list[_Key] = [("F", mb, g)]
+    if g < n_chunks - 1:
+        deps.append(("B", mb, g + 1))
+    return deps
+
+
+@final
+@dataclasses.dataclass(frozen=True)
+class TickTable:
+    """A pipeline schedule as a table of actions, indexed `grid[tick][stage]`.
+
+    **Arguments:**
+
+    - `stages`: the number of pipeline stages (devices) `p`.
+    - `microbatches`: the number of microbatches `m` per step.
+    - `virtual`: the number of virtual stages (model chunks) per device `v`.
+    - `grid`: one row per tick, each row one entry per stage: an `Action` or `None`
+      (idle). Lists are accepted and stored as tuples.
+
+    The constructor checks only the shape and the index ranges; call `validate()` to
+    check the dependencies.
+    """
+
+    stages: int
+    microbatches: int
+    virtual: int
+    grid: tuple[tuple[Action | None, ...], ...]
+
+    def __post_init__(self):
+        for name in ("stages", "microbatches", "virtual"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"TickTable({name}={value!r}): must be a positive int.")
+        grid = tuple(tuple(row) for row in self.grid)
+        object.__setattr__(self, "grid", grid)
+        p, m, v = self.stages, self.microbatches, self.virtual
+        for t, row in enumerate(grid):
+            if len(row) != p:
+                raise ValueError(
+                    f"TickTable: tick {t} has {len(row)} entries but stages={p}; every "
+                    f"row of `grid` needs one entry (an Action or None) per stage."
+                )
+            for s, a in enumerate(row):
+                if a is None:
+                    continue
+                if not isinstance(a, Action):
+                    raise ValueError(
+                        f"TickTable: tick {t}, stage {s} holds {a!r}; entries must be "
+                        f"Action or None."
+                    )
+                if a.microbatch >= m or a.virtual >= v:
+                    raise ValueError(
+                        f"TickTable: tick {t}, stage {s} holds {_describe(a, s, p)}, out of "
+                        f"range for microbatches={m}, virtual={v}."
+                    )
+
+    @property
+    def num_ticks(self) -> int:
+        """The number of ticks (rows of `grid`)."""
+        return len(self.grid)
+
+    @property
+    def num_slots(self) -> int:
+        """Activation-buffer slots per device an executor needs: `max_in_flight()`."""
+        return self.max_in_flight()
+
+    def program(self, stage: int) -> list[Action]:
+        """The actions of one stage in the order it runs them (idle ticks dropped).
+
+        **Arguments:**
+
+        - `stage`: the stage index, `0 <= stage < stages`.
+
+        **Returns:**
+
+        A list of `Action`.
+        """
+        self._check_stage(stage)
+        return [row[stage] for row in self.grid if row[stage] is not None]  # pyright: ignore
+
+    def bubble_fraction(self) -> float:
+        r"""The idle fraction of the step, counted on the grid.
+
+        Every action takes one unit slot (forward and backward of a chunk cost the
+        same), so this is $\text{idle slots} / (\text{ticks} \cdot \text{stages})$.
+        For GPipe and 1F1B it equals $(p-1)/(m+p-1)$.
+
+        **Returns:**
+
+        A float in `[0, 1)`.
+        """
+        total = self.num_ticks * self.stages
+        idle = sum(a is None for row in self.grid for a in row)
+        return idle / total if total else 0.0
+
+    def max_in_flight(self, stage: int | None = None) -> int:
+        """The most (microbatch, chunk) pairs forwarded but not yet backwarded at once.
+
+        This is the number of activation slots the executor keeps on that stage (each
+        chunk of each microbatch counted separately). 1F1B needs `min(p, m)` on stage
+        0, GPipe `m`.
+
+        **Arguments:**
+
+        - `stage`: one stage, or `None` for the maximum over stages.
+
+        **Returns:**
+
+        An int.
+        """
+        if stage is None:
+            return max(self.max_in_flight(s) for s in range(self.stages))
+        self._check_stage(stage)
+        alive, most = 0, 0
+        for a in self.program(stage):
+            alive += 1 if a.kind == "F" else -1
+            most = max(most, alive)
+        return most
+
+    def validate(self) -> TickTable:
+        """Checks every dependency of every action; raises `ValueError` on the first breach.
+
+        With global chunk `g = virtual·p + stage`:
+
+        - `F(mb, g)` needs `F(mb, g-1)` at an earlier tick (its output reaches the next
+          device one tick later);
+        - `B(mb, g)` needs its own `F(mb, g)` at an earlier tick, and `B(mb, g+1)` at
+          an earlier tick unless `g` is the last chunk `p·v - 1`;
+        - every (microbatch, chunk) has exactly one `F` and one `B`.
+
+        **Returns:**
+
+        The table itself, so that `table = schedule.table(p, m).validate()` reads well.
+        """
+        p, m, v = self.stages, self.microbatches, self.virtual
+        n_chunks = p * v
+        when: dict[_Key, tuple[int, int]] = {}
+        for t, row in enumerate(self.grid):
+            for s, a in enumerate(row):
+                if a is None:
+                    continue
+                key = (a.kind, a.microbatch, a.virtual * p + s)
+                if key in when:
+                    t0, _ = when[key]
+                    raise ValueError(
+                        f"Invalid schedule: tick {t}, stage {s}: {_describe(a, s, p)} runs "
+                        f"a second time (it already ran at tick {t0}). Each (microbatch, "
+                        f"chunk) has exactly one F and one B."
+                    )
+                when[key] = (t, s)
+        for t, row in enumerate(self.grid):
+            for s, a in enumerate(row):
+                if a is None:
+                    continue
+                g = a.virtual * p + s
+                for dep in _dependencies(a.kind, a.microbatch, g, n_chunks):
+                    kind, mb, dg = dep
+                    need = f"{kind}(microbatch={mb}) of chunk {dg} on {_where(dg, p)}"
+                    if dep not in when:
+                        raise ValueError(
+                            f"Invalid schedule: tick {t}, stage {s}: {_describe(a, s, p)} "
+                            f"needs {need} at an earlier tick, but that never runs."
+                        )
+                    t_dep, _ = when[dep]
+                    if t_dep >= t:
+                        raise ValueError(
+                            f"Invalid schedule: tick {t}, stage {s}: {_describe(a, s, p)} "
+                            f"needs {need} at an earlier tick, but that runs at tick "
+                            f"{t_dep}. Move it to tick {t_dep + 1} or later."
+                        )
+        for kind in ("F", "B"):
+            for mb in range(m):
+                for g in range(n_chunks):
+                    if (kind, mb, g) not in when:
+                        raise ValueError(
+                            f"Invalid schedule: {kind}(microbatch={mb}) of chunk {g} never "
+                            f"runs on {_where(g, p)}. Each (microbatch, chunk) has "
+                            f"exactly one F and one B."
+                        )
+        return self
+
+    def as_arrays(self) -> dict[str, np.ndarray]:
+        """The table as arrays for an executor, each of shape `(num_ticks, stages)`.
+
+        **Returns:**
+
+        A dict of numpy arrays:
+
+        - `"kind"` (int32): 0 idle, 1 forward, 2 backward;
+        - `"mb"` (int32): the microbatch;
+        - `"virt"` (int32): the virtual-stage (chunk) index on that device;
+        - `"slot"` (int32): the activation-buffer slot of that (microbatch, chunk) on
+          that device, in `[0, num_slots)`: taken (lowest free first) by the forward,
+          read and freed by the matching backward;
+        - `"first_chunk"` (bool): the action is on global chunk 0 (its forward reads
+          the microbatch input rather than the previous device's output);
+        - `"last_chunk"` (bool): the action is on global chunk `p·v - 1` (its forward
+          feeds the loss; its backward starts from the loss gradient).
+
+        Idle entries hold 0 in the int arrays and `False` in the flags; mask with
+        `kind`.
+        """
+        p, v = self.stages, self.virtual
+        shape = (self.num_ticks, p)
+        kind = np.zeros(shape, np.int32)
+        mb = np.zeros(shape, np.int32)
+        virt = np.zeros(shape, np.int32)
+        slot = np.zeros(shape, np.int32)
+        first = np.zeros(shape, bool)
+        last = np.zeros(shape, bool)
+        for s in range(p):
+            free: list[int] = []
+            used = 0
+            held: dict[tuple[int, int], int] = {}
+            for t, row in enumerate(self.grid):
+                a = row[s]
+                if a is None:
+                    continue
+                key = (a.microbatch, a.virtual)
+                if a.kind == "F":
+                    if free:
+                        free.sort()
+                        k = free.pop(0)
+                    else:
+                        k, used = used, used + 1
+                    held[key] = k
+                    kind[t, s] = 1
+                else:
+                    if key not in held:
+                        raise ValueError(
+                            f"as_arrays: tick {t}, stage {s}: {_describe(a, s, p)} has no "
+                            f"earlier forward on this stage; call validate() for details."
+                        )
+                    k = held.pop(key)
+                    free.append(k)
+                    kind[t, s] = 2
+                g = a.virtual * p + s
+                mb[t, s], virt[t, s], slot[t, s] = a.microbatch, a.virtual, k
+                first[t, s] = g == 0
+                last[t, s] = g == p * v - 1
+        return dict(kind=kind, mb=mb, virt=virt, slot=slot, first_chunk=first, last_chunk=last)
+
+    def __str__(self) -> str:
+        """A text chart: one line per stage, one column per tick, `.` for idle."""
+        cells = [[str(a) if a is not None else "." for a in row] for row in self.grid]
+        width = max((len(c) for row in cells for c in row), default=1)
+        lines = [
+            f"TickTable(stages={self.stages}, microbatches={self.microbatches}, "
+            f"virtual={self.virtual}): {self.num_ticks} ticks, "
+            f"bubble {self.bubble_fraction():.3f}"
+        ]
+        for s in range(self.stages):
+            lines.append(f"stage {s}: " + " ".join(row[s].rjust(width) for row in cells))
+        return "\n".join(lines)
+
+    def _check_stage(self, stage: int):
+        if not 0 <= stage < self.stages:
+            raise ValueError(f"stage={stage} is out of range for stages={self.stages}.")
+
+
+def _simulate(programs: Sequence[Sequence[Action]], p: int, m: int, v: int) -> TickTable:
+    """Runs the per-device programs tick by tick, each action as early as it can go."""
+    n_chunks = p * v
+    pos = [0] * p
+    done: set[_Key] = set()
+    grid: list[tuple[Action | None, ...]] = []
+    while any(pos[s] < len(programs[s]) for s in range(p)):
+        row: list[Action | None] = []
+        for s in range(p):
+            a = programs[s][pos[s]] if pos[s] < len(programs[s]) else None
+            if a is not None and all(
+                dep in done
+                for dep in _dependencies(a.kind, a.microbatch, a.virtual * p + s, n_chunks)
+            ):
+                pos[s] += 1
+                row.append(a)
+            else:
+                row.append(None)
+        if all(a is None for a in row):
+            waiting = {s: str(programs[s][pos[s]]) for s in range(p) if pos[s] < len(programs[s])}
+            raise RuntimeError(
+                f"Schedule deadlocks at tick {len(grid)}: every device waits "
+                f"(next actions by stage: {waiting}). This is a bug in the schedule's "
+                f"program order."
+            )
+        # Results become visible at the next tick, so commit after the whole row.
+        for s, a in enumerate(row):
+            if a is not None:
+                done.add((a.kind, a.microbatch, a.virtual * p + s))
+        grid.append(tuple(row))
+    return TickTable(stages=p, microbatches=m, virtual=v, grid=tuple(grid)).validate()
+
+
+def _check_sizes(schedule: AbstractSchedule, stages: int, microbatches: int):
+    for name, value in (("stages", stages), ("microbatches", microbatches)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(
+                f"{type(schedule).__name__}().table({name}={value!r}): {name} must be a "
+                f"positive int."
+            )
+
+
+class AbstractSchedule(abc.ABC):
+    """A pipeline schedule: builds the `TickTable` for `p` stages and `m` microbatches.
+
+    Subclasses implement `table`; everything else derives from it.
+    """
+
+    @abc.abstractmethod
+    def table(self, stages: int, microbatches: int) -> TickTable:
+        """The schedule's tick table.
+
+        **Arguments:**
+
+        - `stages`: the number of pipeline stages (devices) `p`.
+        - `microbatches`: the number of microbatches `m` per step.
+
+        **Returns:**
+
+        A validated `TickTable`.
+        """
+
+    def bubble_fraction(self, stages: int, microbatches: int) -> float:
+        """The idle fraction of the step, counted on `self.table(stages, microbatches)`.
+
+        **Arguments:**
+
+        - `stages`: the number of pipeline stages `p`.
+        - `microbatches`: the number of microbatches `m`.
+
+        **Returns:**
+
+        A float; see `TickTable.bubble_fraction`.
+        """
+        return self.table(stages, microbatches).bubble_fraction()
+
+
+@final
+@dataclasses.dataclass(frozen=True)
+class GPipe(AbstractSchedule):
+    """GPipe (Huang et al. 2019): all forwards, then all backwards.
+
+    Every stage runs `F0 ... F(m-1)`, then `B(m-1) ... B0`. The step takes
+    `2(m + p - 1)` ticks, bubble fraction `(p-1)/(m+p-1)`; every stage holds the
+    activations of all `m` microbatches at the turn.
+    """
+
+    def table(self, stages: int, microbatches: int) -> TickTable:
+        _check_sizes(self, stages, microbatches)
+        m = microbatches
+        program = [Action("F", i) for i in range(m)] + [Action("B", i) for i in reversed(range(m))]
+        return _simulate([program] * stages, stages, m, 1)
+
+
+@final
+@dataclasses.dataclass(frozen=True)
+class OneFOneB(AbstractSchedule):
+    """Megatron's non-interleaved one-forward-one-backward schedule (PipeDream-Flush).
+
+    Stage `s` runs `min(p - s - 1, m)` warm-up forwards, then alternates one forward
+    and one backward, then drains the remaining backwards. Same `2(m + p - 1)` ticks
+    and bubble fraction `(p-1)/(m+p-1)` as GPipe, but stage `s` holds at most
+    `min(p - s, m)` microbatches of activations instead of `m`.
+    """
+
+    def table(self, stages: int, microbatches: int) -> TickTable:
+        _check_sizes(self, stages, microbatches)
+        p, m = stages, microbatches
+        programs = []
+        for s in range(p):
+            warmup = min(p - s - 1, m)
+            program = [Action("F", i) for i in range(warmup)]
+            for i in range(m - warmup):
+                program += [Action("F", warmup + i), Action("B", i)]
+            program += [Action("B", i) for i in range(m - warmup, m)]
+            programs.append(program)
+        return _simulate(programs, p, m, 1)
+
+
+@final
+@dataclasses.dataclass(frozen=True)
+class Interleaved1F1B(AbstractSchedule):
+    r"""Megatron's interleaved 1F1B schedule (Narayanan et al. 2021) with `v` chunks per device.
+
+    The model is cut into `p·v` chunks; device `d` holds chunks `d, d+p, d+2p, ...`.
+    Each device walks `m·v` (microbatch, chunk) steps. Forward step `k` runs chunk
+    `(k // p) % v` of microbatch `(k // (p·v))·p + k % p` (groups of `p` microbatches
+    per chunk); backward step `k` the same with the chunks reversed. Stage `s` runs
+    `min((p-s-1)·2 + (v-1)·p, m·v)` warm-up forwards, then alternates one forward and
+    one backward, then drains the backwards.
+
+    With unit-time chunk slots the step takes $2(mv + p - 1)$ ticks: the bubble
+    fraction is $(p-1)/(mv + p - 1)$, the GPipe/1F1B bubble divided by about `v`,
+    at `v` times the point-to-point messages.
+
+    **Arguments:**
+
+    - `virtual`: the number of model chunks per device `v`, at least 2 (use
+      `OneFOneB()` for one).
+
+    `table` requires `microbatches` to be a multiple of `stages`, as Megatron does.
+    """
+
+    virtual: int
+
+    def __post_init__(self):
+        v = self.virtual
+        if not isinstance(v, int) or isinstance(v, bool) or v < 2:
+            raise ValueError(
+                f"Interleaved1F1B(virtual={v!r}): virtual must be an int >= 2; for one "
+                f"chunk per device use OneFOneB()."
+            )
+
+    def table(self, stages: int, microbatches: int) -> TickTable:
+        _check_sizes(self, stages, microbatches)
+        p, m, v = stages, microbatches, self.virtual
+        if m % p:
+            lo, hi = (m // p) * p, (m // p + 1) * p
+            hint = f"microbatches={hi}" + (f" or microbatches={lo}" if lo else "")
+            raise ValueError(
+                f"Interleaved1F1B(virtual={v}).table(stages={p}, microbatches={m}): the "
+                f"interleaved schedule walks microbatches in groups of `stages`, so "
+                f"microbatches must be a multiple of stages={p}. Use {hint}, or "
+                f"OneFOneB() for any count."
+            )
+        total = m * v
+
+        def step(k: int, backward: bool) -> tuple[int, int]:
+            chunk = (k // p) % v
+            if backward:
+                chunk = v - 1 - chunk
+            return (k // (p * v)) * p + k % p, chunk
+
+        programs = []
+        for s in range(p):
+            warmup = min((p - s - 1) * 2 + (v - 1) * p, total)
+            program = [Action("F", *step(k, False)) for k in range(warmup)]
+            for i in range(total - warmup):
+                program += [Action("F", *step(warmup + i, False)), Action("B", *step(i, True))]
+            program += [Action("B", *step(k, True)) for k in range(total - warmup, total)]
+            programs.append(program)
+        return _simulate(programs, p, m, v)

@@ -1,0 +1,267 @@
+"""Pipeline schedules as tick tables: validity, the bubble and memory theory, plotting."""
+
+import dataclasses
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from eqxpar.pipeline import (
+    AbstractSchedule,
+    Action,
+    GPipe,
+    Interleaved1F1B,
+    OneFOneB,
+    TickTable,
+    plot_schedule,
+)
+
+# (p, m): m in {p, 2p, 4p}, plus some m < p.
+FLAT_SIZES = [(p, m) for p in (2, 3, 4) for m in (p, 2 * p, 4 * p)] + [(3, 2), (4, 1), (4, 3)]
+INTERLEAVED_SIZES = [(p, m, v) for p in (2, 3, 4) for m in (p, 2 * p, 4 * p) for v in (2, 3)]
+
+
+def _idle(table: TickTable) -> int:
+    return sum(a is None for row in table.grid for a in row)
+
+
+def _leading_forwards(program: list[Action]) -> int:
+    n = 0
+    for a in program:
+        if a.kind != "F":
+            break
+        n += 1
+    return n
+
+
+# --- Theory: ticks, bubble, activations in flight -------------------------------------
+
+
+@pytest.mark.parametrize("schedule", [GPipe(), OneFOneB()], ids=["gpipe", "1f1b"])
+@pytest.mark.parametrize("p,m", FLAT_SIZES)
+def test_flat_schedules_match_theory(schedule, p, m):
+    table = schedule.table(p, m)
+    assert (table.stages, table.microbatches, table.virtual) == (p, m, 1)
+    assert table.num_ticks == 2 * (m + p - 1)
+    # Exact: idle slots over all slots is (p - 1) / (m + p - 1).
+    assert Fraction(_idle(table), table.num_ticks * p) == Fraction(p - 1, m + p - 1)
+    assert table.bubble_fraction() == pytest.approx((p - 1) / (m + p - 1), abs=1e-12)
+    assert schedule.bubble_fraction(p, m) == table.bubble_fraction()
+    table.validate()
+
+
+@pytest.mark.parametrize("p,m", FLAT_SIZES)
+def test_gpipe_keeps_every_microbatch_alive(p, m):
+    table = GPipe().table(p, m)
+    assert [table.max_in_flight(s) for s in range(p)] == [m] * p
+    assert table.max_in_flight() == m
+    for s in range(p):
+        program = table.program(s)
+        assert [str(a) for a in program] == [f"F{i}" for i in range(m)] + [
+            f"B{i}" for i in reversed(range(m))
+        ]
+
+
+@pytest.mark.parametrize("p,m", FLAT_SIZES)
+def test_1f1b_memory_and_warmup(p, m):
+    table = OneFOneB().table(p, m)
+    assert table.max_in_flight(0) == min(p, m)
+    assert [table.max_in_flight(s) for s in range(p)] == [min(p - s, m) for s in range(p)]
+    for s in range(p):
+        program = table.program(s)
+        # p - s - 1 warm-up forwards, then the first steady forward, then a backward.
+        assert _leading_forwards(program) == min(p - s, m)
+        assert sorted(str(a) for a in program if a.kind == "F") == sorted(f"F{i}" for i in range(m))
+
+
+@pytest.mark.parametrize("p,m,v", INTERLEAVED_SIZES)
+def test_interleaved_matches_theory(p, m, v):
+    table = Interleaved1F1B(v).table(p, m)
+    assert (table.stages, table.microbatches, table.virtual) == (p, m, v)
+    # Narayanan et al. 2021: the bubble is (p - 1) chunk-times of forward and backward,
+    # against v·m chunk-times of work: fraction (p - 1) / (v·m + p - 1).
+    assert table.num_ticks == 2 * (v * m + p - 1)
+    assert Fraction(_idle(table), table.num_ticks * p) == Fraction(p - 1, v * m + p - 1)
+    # Smaller than the non-interleaved bubble, by a factor close to v for large m.
+    flat = (p - 1) / (m + p - 1)
+    assert table.bubble_fraction() < flat
+    assert flat / table.bubble_fraction() == pytest.approx(v * (m + (p - 1) / v) / (m + p - 1))
+    table.validate()
+
+
+@pytest.mark.parametrize("p,m,v", INTERLEAVED_SIZES)
+def test_interleaved_warmup_and_counts(p, m, v):
+    table = Interleaved1F1B(v).table(p, m)
+    for s in range(p):
+        program = table.program(s)
+        warmup = min((p - s - 1) * 2 + (v - 1) * p, m * v)
+        assert _leading_forwards(program) == min(warmup + 1, m * v)
+        assert len(program) == 2 * m * v
+        assert len({(a.kind, a.microbatch, a.virtual) for a in program}) == 2 * m * v
+
+
+def test_interleaved_order_by_hand():
+    # p=2, m=4, v=2: forwards walk p microbatches per chunk; backwards the chunks reversed.
+    table = Interleaved1F1B(2).table(2, 4)
+    program = table.program(0)
+    forwards = [str(a) for a in program if a.kind == "F"]
+    backwards = [str(a) for a in program if a.kind == "B"]
+    assert forwards == ["F0", "F1", "F0.1", "F1.1", "F2", "F3", "F2.1", "F3.1"]
+    assert backwards == ["B0.1", "B1.1", "B0", "B1", "B2.1", "B3.1", "B2", "B3"]
+
+
+def test_numbers_for_p4_m8():
+    gpipe, one, inter = GPipe().table(4, 8), OneFOneB().table(4, 8), Interleaved1F1B(2).table(4, 8)
+    assert (gpipe.num_ticks, one.num_ticks, inter.num_ticks) == (22, 22, 38)
+    assert gpipe.bubble_fraction() == pytest.approx(3 / 11)
+    assert one.bubble_fraction() == pytest.approx(3 / 11)
+    assert inter.bubble_fraction() == pytest.approx(3 / 19)
+    assert (gpipe.max_in_flight(), one.max_in_flight(), inter.max_in_flight()) == (8, 4, 11)
+
+
+# --- Errors -----------------------------------------------------------------------------
+
+
+def test_interleaved_needs_multiple_of_stages():
+    with pytest.raises(ValueError, match=r"multiple of stages=4.*microbatches=8 or microbatches=4"):
+        Interleaved1F1B(2).table(4, 6)
+    with pytest.raises(ValueError, match=r"virtual must be an int >= 2.*OneFOneB"):
+        Interleaved1F1B(1)
+
+
+def test_bad_sizes_and_abstract():
+    with pytest.raises(ValueError, match="stages must be a positive int"):
+        GPipe().table(0, 4)
+    with pytest.raises(ValueError, match="microbatches must be a positive int"):
+        OneFOneB().table(2, 0)
+    with pytest.raises(TypeError):
+        AbstractSchedule()  # pyright: ignore
+    with pytest.raises(ValueError, match="kind must be 'F' or 'B'"):
+        Action("X", 0)  # pyright: ignore
+    with pytest.raises(ValueError, match="tick 0 has 1 entries but stages=2"):
+        TickTable(2, 1, 1, ((Action("F", 0),),))
+    with pytest.raises(ValueError, match="tick 0, stage 1 .* out of range"):
+        TickTable(2, 1, 1, ((None, Action("F", 3)),))
+
+
+def _with(table: TickTable, changes: dict[tuple[int, int], Action | None]) -> TickTable:
+    grid = [list(row) for row in table.grid]
+    for (t, s), a in changes.items():
+        grid[t][s] = a
+    return dataclasses.replace(table, grid=tuple(tuple(row) for row in grid))
+
+
+def _find(table: TickTable, kind: str, mb: int, stage: int, virtual: int = 0) -> int:
+    for t, row in enumerate(table.grid):
+        if row[stage] == Action(kind, mb, virtual):  # pyright: ignore
+            return t
+    raise AssertionError("not found")
+
+
+def test_validate_rejects_swapped_forwards():
+    table = GPipe().table(3, 3)  # stage 1: F0 at tick 1, F1 at tick 2
+    broken = _with(table, {(1, 1): Action("F", 1), (2, 1): Action("F", 0)})
+    with pytest.raises(ValueError, match=r"tick 1, stage 1: F\(microbatch=1.*runs at tick 1"):
+        broken.validate()
+
+
+def test_validate_rejects_backward_before_forward():
+    table = OneFOneB().table(3, 3)
+    s = 2  # last stage: F0 then B0 right after
+    t_f, t_b = _find(table, "F", 0, s), _find(table, "B", 0, s)
+    broken = _with(table, {(t_f, s): Action("B", 0), (t_b, s): Action("F", 0)})
+    with pytest.raises(ValueError, match=rf"tick {t_f}, stage {s}: B\(microbatch=0.*F\(micro"):
+        broken.validate()
+
+
+def test_validate_rejects_swapped_chunks():
+    table = Interleaved1F1B(2).table(2, 2)
+    t0, t1 = _find(table, "F", 0, 0, 0), _find(table, "F", 0, 0, 1)
+    broken = _with(table, {(t0, 0): Action("F", 0, 1), (t1, 0): Action("F", 0, 0)})
+    with pytest.raises(ValueError, match=rf"tick {t0}, stage 0: F\(microbatch=0, virtual=1"):
+        broken.validate()
+
+
+def test_validate_rejects_dropped_actions():
+    table = OneFOneB().table(3, 4)
+    # Dropping F0 on stage 0 starves F0 on stage 1 at tick 1.
+    with pytest.raises(ValueError, match=r"tick 1, stage 1: F\(microbatch=0.*never runs"):
+        _with(table, {(0, 0): None}).validate()
+    # Dropping the very last backward leaves nothing waiting on it: named by stage.
+    last = table.num_ticks - 1
+    assert table.grid[last][0] == Action("B", 3)
+    with pytest.raises(ValueError, match=r"B\(microbatch=3\) of chunk 0 never runs on stage 0"):
+        _with(table, {(last, 0): None}).validate()
+
+
+def test_validate_rejects_duplicates():
+    table = GPipe().table(2, 2)
+    t = table.num_ticks
+    grid = table.grid + ((Action("F", 1), None),)
+    with pytest.raises(ValueError, match=rf"tick {t}, stage 0: F\(microbatch=1.*second time"):
+        TickTable(2, 2, 1, grid).validate()
+
+
+# --- Arrays for an executor -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "schedule,p,m",
+    [(GPipe(), 3, 5), (OneFOneB(), 4, 7), (OneFOneB(), 4, 2), (Interleaved1F1B(2), 3, 6)]
+    + [(Interleaved1F1B(3), 4, 8)],
+)
+def test_as_arrays_replays(schedule, p, m):
+    table = schedule.table(p, m)
+    arrays = table.as_arrays()
+    assert set(arrays) == {"kind", "mb", "virt", "slot", "first_chunk", "last_chunk"}
+    for name, x in arrays.items():
+        assert x.shape == (table.num_ticks, p), name
+        assert x.dtype == (bool if name.endswith("chunk") else np.int32), name
+    kind, mb, virt, slot = arrays["kind"], arrays["mb"], arrays["virt"], arrays["slot"]
+    v = table.virtual
+    assert (kind == 0).sum() == _idle(table)
+    assert (kind == 1).sum() == (kind == 2).sum() == m * v * p
+    n_slots = table.num_slots
+    assert n_slots == table.max_in_flight()
+    assert slot.min() >= 0 and slot.max() < n_slots
+    # Replay as an executor would: a forward stores into its slot, its backward reads it.
+    for s in range(p):
+        buffer: list[tuple[int, int] | None] = [None] * n_slots
+        used = set()
+        for t in range(table.num_ticks):
+            a = table.grid[t][s]
+            if a is None:
+                assert kind[t, s] == 0 and not arrays["first_chunk"][t, s]
+                continue
+            assert (mb[t, s], virt[t, s]) == (a.microbatch, a.virtual)
+            g = a.virtual * p + s
+            assert arrays["first_chunk"][t, s] == (g == 0)
+            assert arrays["last_chunk"][t, s] == (g == p * v - 1)
+            k = slot[t, s]
+            if kind[t, s] == 1:
+                assert buffer[k] is None, f"slot {k} on stage {s} overwritten at tick {t}"
+                buffer[k] = (a.microbatch, a.virtual)
+                used.add(k)
+            else:
+                assert buffer[k] == (a.microbatch, a.virtual)
+                buffer[k] = None
+        assert all(b is None for b in buffer)
+        assert len(used) == table.max_in_flight(s)
+
+
+def test_str_chart():
+    text = str(OneFOneB().table(2, 2))
+    assert text.splitlines()[1:] == ["stage 0: F0 F1  . B0  . B1", "stage 1:  . F0 B0 F1 B1  ."]
+
+
+# --- Plot -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "schedule", [GPipe(), OneFOneB(), Interleaved1F1B(2)], ids=["gpipe", "1f1b", "interleaved"]
+)
+def test_plot_writes_png(schedule, tmp_path):
+    path = tmp_path / "schedule.png"
+    out = plot_schedule(schedule.table(4, 8), path, title=type(schedule).__name__)
+    assert out == path
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
