@@ -1,5 +1,6 @@
 """The model zoo: thin compositions of eqxpar layers, nothing parallel of their own."""
 
+from ._classifier import PPClassifier as PPClassifier
 from ._classifier import SimpleClassifier as SimpleClassifier
 from ._classifier import TPClassifier as TPClassifier
 from ._transformer import Transformer as Transformer

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -124,3 +126,131 @@ class TPClassifier(eqx.Module):
 def accuracy(logits: Array, labels: Array) -> Array:
     """Fraction of rows whose arg-max logit is the label."""
     return jnp.mean(jnp.argmax(logits, axis=-1) == labels)
+
+
+class PPClassifier(eqx.Module):
+    """`TPClassifier`'s residual MLP, its blocks split into pipeline stages.
+
+    The blocks are stacked as `(virtual, stages, blocks_per_chunk, ...)`, the stage
+    dim split over the pipeline axis: chunk `v * stages + s` (Megatron's interleaved
+    order) lives on stage `s`. The embedding runs on the first chunk's stage, the norm,
+    head and loss on the last one's. Every block is also tensor-parallel, so it trains
+    on data x tensor x pipeline meshes.
+    """
+
+    embed: ColumnParallelLinear
+    blocks: _Block = eqx.field(metadata=ep.stacked(None, "pipeline_axis", None))
+    norm: eqx.nn.LayerNorm
+    head: RowParallelLinear
+    stages: int = eqx.field(static=True)
+    virtual: int = eqx.field(static=True)
+    pipeline_axis: str = eqx.field(static=True)
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        width: int = 64,
+        hidden: int = 256,
+        depth: int = 4,
+        *,
+        stages: int,
+        virtual: int = 1,
+        axis_name: str = ep.TENSOR,
+        pipeline_axis: str = ep.PIPELINE,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+
+        - `in_features`, `num_classes`, `width`, `hidden`: as for `TPClassifier`.
+        - `depth`: residual blocks in all; `stages * virtual` must divide it.
+        - `stages`: pipeline stages (the pipeline axis size it runs on).
+        - `virtual`: model chunks per stage (interleaved schedules).
+        - `axis_name`, `pipeline_axis`: the tensor and pipeline mesh axes.
+        - `key`: PRNG key.
+        """
+        chunks = stages * virtual
+        if depth % chunks:
+            raise ValueError(
+                f"PPClassifier: depth={depth} blocks do not split into stages x virtual = "
+                f"{stages} x {virtual} = {chunks} chunks; use a multiple of {chunks}."
+            )
+        ke, kh, kb = jax.random.split(key, 3)
+        self.embed = ColumnParallelLinear(
+            in_features, width, gather_output=True, axis_name=axis_name, key=ke
+        )
+        blocks = eqx.filter_vmap(lambda k: _Block(width, hidden, axis_name, key=k))(
+            jax.random.split(kb, depth)
+        )
+        shape = (virtual, stages, depth // chunks)
+        self.blocks = jax.tree.map(lambda a: a.reshape(*shape, *a.shape[1:]), blocks)
+        self.norm = eqx.nn.LayerNorm(width)
+        self.head = RowParallelLinear(
+            width, num_classes, input_is_parallel=False, axis_name=axis_name, key=kh
+        )
+        self.stages, self.virtual, self.pipeline_axis = stages, virtual, pipeline_axis
+
+    @staticmethod
+    def _first(embed: ColumnParallelLinear, x: Array) -> Array:
+        return embed(x)
+
+    @staticmethod
+    def _chunk(blocks: _Block, h: Array) -> Array:
+        dynamic, static = eqx.partition(blocks, eqx.is_array)
+        h, _ = jax.lax.scan(lambda h, b: (eqx.combine(b, static)(h), None), h, dynamic)
+        return h
+
+    @staticmethod
+    def _last_logits(last: tuple[eqx.nn.LayerNorm, RowParallelLinear], h: Array) -> Array:
+        norm, head = last
+        return head(jax.vmap(norm)(h))
+
+    def __call__(self, x: Float[Array, "batch in"]) -> Float[Array, "batch classes"]:
+        """Logits, running every chunk in order on this device (no pipeline)."""
+        flat = jax.tree.map(lambda a: a.reshape(-1, *a.shape[3:]), self.blocks)
+        h = self._chunk(flat, self._first(self.embed, x))
+        return self._last_logits((self.norm, self.head), h)
+
+    def loss(
+        self,
+        x: Float[Array, "batch in"],
+        labels: Array,
+        *,
+        schedule: Any = None,
+        microbatches: int = 1,
+    ) -> Array:
+        """Mean softmax cross-entropy over the batch.
+
+        Inside `filter_shard_map` with the pipeline axis bound, runs `schedule` (an
+        `eqxpar.pipeline` schedule; default `OneFOneB()`) over `microbatches` equal
+        slices of the batch; otherwise runs the layers in order.
+        """
+        import optax
+
+        from eqxpar.collectives import axis_size
+        from eqxpar.pipeline import OneFOneB, pipeline_loss
+
+        def ce(logits: Array, y: Array) -> Array:
+            return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+        if axis_size(self.pipeline_axis) is None:
+            return ce(self(x), labels)
+        if x.shape[0] % microbatches:
+            raise ValueError(
+                f"PPClassifier.loss: batch {x.shape[0]} does not split into "
+                f"{microbatches} microbatches."
+            )
+        table = (OneFOneB() if schedule is None else schedule).table(self.stages, microbatches)
+        split = lambda a: a.reshape(microbatches, -1, *a.shape[1:])  # noqa: E731
+        return pipeline_loss(
+            self._first,
+            self._chunk,
+            lambda last, h, y: ce(self._last_logits(last, h), y),
+            self.embed,
+            self.blocks,
+            (self.norm, self.head),
+            split(x),
+            split(labels),
+            table=table,
+            axis_name=self.pipeline_axis,
+        )

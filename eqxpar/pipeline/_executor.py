@@ -22,6 +22,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -305,6 +306,8 @@ def pipeline_loss(
 
     The mean of `last_fn` over the microbatches, identical on every stage.
     """
+    (fp, sp, lp), static = eqx.partition((first_params, stage_params, last_params), eqx.is_array)
+    first_fn, stage_fn, last_fn = _with_static(first_fn, stage_fn, last_fn, static)
     leaves = jax.tree.leaves((inputs, targets))
     if leaves and leaves[0].shape[0] != table.microbatches:
         raise ValueError(
@@ -328,7 +331,24 @@ def pipeline_loss(
         return (*grads, *zeros)
 
     loss_of.defvjp(fwd, bwd)
-    return loss_of(first_params, stage_params, last_params, inputs, targets)
+    return loss_of(fp, sp, lp, inputs, targets)
+
+
+def _with_static(first_fn: FirstFn, stage_fn: StageFn, last_fn: LastFn, static: tuple):
+    """The three functions taking only the array parts of their parameters (modules'
+    functions and other non-array leaves are put back from `static`)."""
+    fs, ss, ls = static
+
+    def stage(c: Any, x: jax.Array) -> jax.Array:
+        # `c` is one chunk: the stacked (virtual, stage) dims are indexed away, so the
+        # static part's structure (that of the whole stack) still fits.
+        return stage_fn(eqx.combine(c, ss), x)
+
+    return (
+        lambda f, x: first_fn(eqx.combine(f, fs), x),
+        stage,
+        lambda lp, y, t: last_fn(eqx.combine(lp, ls), y, t),
+    )
 
 
 def _zero_cotangent(x: jax.Array) -> Any:
