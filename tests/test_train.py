@@ -93,6 +93,7 @@ def optax_promotion():
         yield
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("optax_promotion")
 def test_adam_with_clipping_and_accumulation(batches):
     optimizer = optax.adam(3e-3)

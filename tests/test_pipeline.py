@@ -1,0 +1,122 @@
+"""The pipeline executor: loss and gradients of every schedule equal the model run
+without a pipeline; only collective-permutes (and final sums) cross stages."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import pytest
+from helpers import assert_trees_close
+from jax.sharding import PartitionSpec as P
+
+import eqxpar as ep
+from eqxpar.pipeline import GPipe, Interleaved1F1B, OneFOneB
+from eqxpar.pipeline._executor import _program
+from eqxpar.profile import count_collectives
+from models import PPClassifier
+
+BATCH = 32
+
+
+def data():
+    x = jax.random.normal(jax.random.key(1), (BATCH, 12))
+    return x, jax.random.randint(jax.random.key(2), (BATCH,), 0, 5)
+
+
+def run(sizes, schedule, microbatches, *, virtual=1, compile_only=False):
+    p = sizes["pipeline"]
+    model = PPClassifier(12, 5, width=16, hidden=32, depth=8, stages=p, virtual=virtual,
+                         key=jax.random.key(0))
+    n = 1
+    for size in sizes.values():
+        n *= size
+    mesh = ep.make_mesh(**sizes, devices=jax.devices()[:n])
+    loss = ep.filter_shard_map(
+        lambda mod, x, y: jax.lax.pmean(
+            mod.loss(x, y, schedule=schedule, microbatches=microbatches), "data"
+        ),
+        mesh=mesh, in_specs=(None, P("data"), P("data")), out_specs=P(),
+    )
+    step = eqx.filter_jit(eqx.filter_value_and_grad(loss))
+    x, y = data()
+    if compile_only:
+        return mesh, step.lower(ep.shard(model, mesh), x, y).compile()
+    got = step(ep.shard(model, mesh), x, y)
+    want = eqx.filter_value_and_grad(lambda m: m.loss(x, y))(model)
+    return got, want
+
+
+CASES = [
+    pytest.param(p, m, schedule, v, marks=[pytest.mark.slow] if m == 4 * p else [],
+                 id=f"{type(schedule).__name__}-p{p}-m{m}")
+    for p in (2, 4)
+    for m in (p, 2 * p, 4 * p)
+    for schedule, v in ((GPipe(), 1), (OneFOneB(), 1), (Interleaved1F1B(2), 2))
+    if not (p == 4 and v == 2)  # 4 stages x 2 chunks: test_interleaved_on_four_stages
+]
+
+
+@pytest.mark.parametrize("p,m,schedule,v", CASES)
+def test_schedules_match_the_unpipelined_model(p, m, schedule, v):
+    (loss, grads), (want_loss, want_grads) = run(dict(pipeline=p), schedule, m, virtual=v)
+    assert_trees_close(loss, want_loss)
+    assert_trees_close(grads, want_grads)
+
+
+def test_interleaved_on_four_stages():
+    (loss, grads), (want_loss, want_grads) = run(dict(pipeline=4), Interleaved1F1B(2), 8,
+                                                 virtual=2)
+    assert_trees_close(loss, want_loss)
+    assert_trees_close(grads, want_grads)
+
+
+@pytest.mark.parametrize("schedule,v", [(OneFOneB(), 1), (Interleaved1F1B(2), 2)],
+                         ids=["1f1b", "interleaved"])
+def test_three_dimensional_mesh(schedule, v):
+    (loss, grads), (want_loss, want_grads) = run(
+        dict(data=2, tensor=2, pipeline=2), schedule, 4, virtual=v
+    )
+    assert_trees_close(loss, want_loss)
+    assert_trees_close(grads, want_grads)
+
+
+def test_only_permutes_and_final_sums_cross_stages():
+    m = 4
+    mesh, compiled = run(dict(pipeline=2, data=2), OneFOneB(), m, compile_only=True)
+    report = count_collectives(compiled, mesh)
+    table = OneFOneB().table(2, m)
+    pipeline_ops = [r for r in report.records if "pipeline" in r.axes]
+    kinds = {r.kind for r in pipeline_ops}
+    assert kinds <= {"collective-permute", "all-reduce"}
+    # Two permutes per tick (activations forward, gradients backward) in the loop.
+    assert report.count("collective-permute", axis="pipeline") == 2 * table.num_ticks
+    # All-reduces over the pipeline only after the loop: the loss and the gradients of
+    # the first and last stage's parameters (no loop multiplicity).
+    assert all(r.count == 1 for r in pipeline_ops if r.kind == "all-reduce")
+
+
+@pytest.mark.parametrize("m", [4, 8, 16])
+def test_activation_slots_bounded_by_schedule(m):
+    p = 4
+    assert _program(GPipe().table(p, m)).num_slots >= m
+    assert _program(OneFOneB().table(p, m)).num_slots <= p + 1
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="do not split into stages x virtual"):
+        PPClassifier(12, 5, depth=6, stages=4, key=jax.random.key(0))
+    model = PPClassifier(12, 5, depth=4, stages=2, key=jax.random.key(0))
+    mesh = ep.make_mesh(pipeline=4, devices=jax.devices()[:4])
+    x, y = data()
+    bad_stages = ep.filter_shard_map(
+        lambda mod, x, y: mod.loss(x, y, microbatches=4), mesh=mesh,
+        in_specs=(P(), P(), P()), out_specs=P(),
+    )
+    with pytest.raises(ValueError, match="the schedule has 2 stages but mesh axis 'pipeline'"):
+        bad_stages(model, x, y)
+    mesh = ep.make_mesh(pipeline=2, devices=jax.devices()[:2])
+    odd = ep.filter_shard_map(
+        lambda mod, x, y: mod.loss(x, y, microbatches=5), mesh=mesh,
+        in_specs=(None, P(), P()), out_specs=P(),
+    )
+    with pytest.raises(ValueError, match="does not split into 5 microbatches"):
+        odd(ep.shard(model, mesh), x, y)
