@@ -59,6 +59,12 @@ def sharded(*dims: str | None, gathers_on_use: bool = False) -> dict[str, Any]:
     return {_DIMS: tuple(dims), _GATHERS: gathers_on_use}
 
 
+class Dims(tuple):
+    """Several dims' mesh axes held by one attribute, e.g. `Dims((None, "pipeline", None))`
+    for layers stacked as `(virtual, stages, per_chunk)`. A `sharded`/`stacked`
+    entry naming an attribute that holds `Dims` stands for all of them."""
+
+
 def stacked(*leading: str | None) -> dict[str, Any]:
     """Field metadata for a sub-module whose arrays all carry extra leading dims.
 
@@ -100,7 +106,8 @@ def _resolve(module: eqx.Module, field: str, entries: tuple[str | None, ...]) ->
                 f"{entry!r}, which {type(module).__name__} does not have. Declare the "
                 f"attribute (e.g. `{entry}: str = eqx.field(static=True)`) or fix the name."
             )
-        out.append(getattr(module, entry))
+        value = getattr(module, entry)
+        out.extend(value) if isinstance(value, Dims) else out.append(value)
     return tuple(out)
 
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 import eqxpar as ep
-from eqxpar.collectives import COLLECTIVE_OUTPUT, shard_count, shard_index
+from eqxpar.collectives import COLLECTIVE_OUTPUT, axis_size, shard_count, shard_index
 from eqxpar.nn import (
     ColumnParallelLinear,
     KVCache,
@@ -24,6 +24,7 @@ from eqxpar.nn import (
     vocab_parallel_argmax,
     vocab_parallel_cross_entropy,
 )
+from eqxpar.pipeline import Interleaved1F1B, OneFOneB, pipeline_loss
 
 Remat = Literal["none", "full", "selective", "offload"]
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -58,6 +59,10 @@ class TransformerConfig:
     - `param_dtype`, `compute_dtype`: `"float32"`, `"bfloat16"` or `"float16"`.
       Norms, softmax and the loss always run in float32.
     - `axis_name`: the tensor-parallel mesh axis.
+    - `pipeline_stages`, `virtual_stages`: split the layers into
+      `pipeline_stages * virtual_stages` chunks for pipeline parallelism over
+      `pipeline_axis` (Megatron's interleaved layout: chunk `v * stages + s` on stage
+      `s`). The layers are then stacked `(virtual, stages, per_chunk, ...)`.
     """
 
     vocab_size: int = 256
@@ -80,6 +85,9 @@ class TransformerConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     axis_name: str = ep.TENSOR
+    pipeline_stages: int = 1
+    virtual_stages: int = 1
+    pipeline_axis: str = ep.PIPELINE
 
     def __post_init__(self):
         def bad(field: str, why: str):
@@ -102,6 +110,26 @@ class TransformerConfig:
         for field in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, field) < 1.0:
                 bad(field, "must be in [0, 1)")
+        for field in ("pipeline_stages", "virtual_stages"):
+            if getattr(self, field) < 1:
+                bad(field, "must be >= 1")
+        if self.num_layers % self.chunks:
+            bad(
+                "num_layers",
+                f"must split into pipeline_stages x virtual_stages = {self.chunks} chunks",
+            )
+
+    @property
+    def chunks(self) -> int:
+        """Pipeline chunks: `pipeline_stages * virtual_stages` (1: no pipeline)."""
+        return self.pipeline_stages * self.virtual_stages
+
+    @property
+    def layer_dims(self) -> ep.Dims:
+        """Mesh axes of the stacked layer dims: `(None,)`, or `(None, pipeline, None)`."""
+        if self.chunks == 1:
+            return ep.Dims((None,))
+        return ep.Dims((None, self.pipeline_axis, None))
 
     @property
     def kv_heads(self) -> int:
@@ -235,7 +263,7 @@ class Transformer(eqx.Module):
     """
 
     embed: VocabParallelEmbedding
-    layers: TransformerBlock = eqx.field(metadata=ep.stacked(None))
+    layers: TransformerBlock = eqx.field(metadata=ep.stacked("layer_dims"))
     norm: RMSNorm | LayerNorm
     head: ColumnParallelLinear | None
     config: TransformerConfig = eqx.field(static=True)
@@ -257,9 +285,10 @@ class Transformer(eqx.Module):
         )
         # GPT-2's N(0, 0.02) table: sensible logits when the head is tied.
         self.embed = eqx.tree_at(lambda e: e.weight, embed, 0.02 * embed.weight)
-        self.layers = eqx.filter_vmap(lambda k: TransformerBlock(config, key=k))(
+        layers = eqx.filter_vmap(lambda k: TransformerBlock(config, key=k))(
             jax.random.split(kl, config.num_layers)
         )
+        self.layers = _stack_as(layers, config)
         self.norm = _norm(config)
         self.head = (
             None
@@ -277,15 +306,26 @@ class Transformer(eqx.Module):
         )
         self.config = config
 
+    @property
+    def layer_dims(self) -> ep.Dims:
+        return self.config.layer_dims
+
+    def flat_layers(self) -> TransformerBlock:
+        """The layers stacked `(num_layers, ...)` in order, whatever the pipeline layout."""
+        return jax.tree.map(lambda a: a.reshape(-1, *a.shape[len(self.layer_dims) :]), self.layers)
+
     def _cast(self) -> Transformer:
         dtype = jnp.dtype(self.config.compute_dtype)
         if dtype == jnp.dtype(self.config.param_dtype):
             return self
         return jax.tree.map(lambda p: p.astype(dtype) if eqx.is_inexact_array(p) else p, self)
 
-    def _layers(self, x: Array, key: PRNGKeyArray | None) -> Array:
-        dynamic, static = eqx.partition(self.layers, eqx.is_array)
-        keys = None if key is None else jax.random.split(key, self.config.num_layers)
+    def _layers(self, x: Array, key: PRNGKeyArray | None, layers: Any = None) -> Array:
+        self._check_not_pipelined("running the layers in order")
+        layers = self.flat_layers() if layers is None else layers
+        dynamic, static = eqx.partition(layers, eqx.is_array)
+        num = jax.tree.leaves(dynamic)[0].shape[0]
+        keys = None if key is None else jax.random.split(key, num)
 
         def body(x, xs):
             layer, k = xs
@@ -348,9 +388,73 @@ class Transformer(eqx.Module):
         targets: Int[Array, "batch seq"],
         *,
         key: PRNGKeyArray | None = None,
+        schedule: Any = None,
+        microbatches: int = 1,
     ) -> Float[Array, ""]:
-        """Mean next-token cross-entropy over this device's batch."""
-        return jnp.mean(self.per_token_loss(tokens, targets, key=key))
+        """Mean next-token cross-entropy over this device's batch.
+
+        With `pipeline_stages > 1`, inside `filter_shard_map` with the pipeline axis
+        bound, the batch is split into `microbatches` and run through `schedule` (an
+        `eqxpar.pipeline` schedule; default `OneFOneB()`, or `Interleaved1F1B` when
+        `virtual_stages > 1`): the embedding on the first chunk's stage, the head and
+        loss on the last one's. Dropout is not supported on that path yet.
+        """
+        c = self.config
+        if c.chunks == 1 or axis_size(c.pipeline_axis) is None:
+            return jnp.mean(self.per_token_loss(tokens, targets, key=key))
+        if key is not None and (c.dropout or c.attention_dropout):
+            raise ValueError("Transformer.loss: dropout is not supported with pipelining yet.")
+        if tokens.shape[0] % microbatches:
+            raise ValueError(
+                f"Transformer.loss: batch {tokens.shape[0]} does not split into "
+                f"{microbatches} microbatches."
+            )
+        if schedule is None:
+            schedule = OneFOneB() if c.virtual_stages == 1 else Interleaved1F1B(c.virtual_stages)
+        table = schedule.table(c.pipeline_stages, microbatches)
+        if table.virtual != c.virtual_stages:
+            raise ValueError(
+                f"Transformer.loss: the schedule runs {table.virtual} chunks per stage but the "
+                f"model has virtual_stages={c.virtual_stages}."
+            )
+        model = self._cast()
+
+        def run_chunk(layers: TransformerBlock, x: Array) -> Array:
+            dynamic, static = eqx.partition(layers, eqx.is_array)
+            x, _ = jax.lax.scan(
+                _remat(lambda x, layer: (eqx.combine(layer, static)(x), None), c.remat), x, dynamic
+            )
+            return x
+
+        def last(parts: Any, x: Array, y: Array) -> Array:
+            norm, head = parts
+            logits = head(norm(x))
+            return jnp.mean(vocab_parallel_cross_entropy(logits, y, axis_name=c.axis_name))
+
+        head = model.head if model.head is not None else _TiedHead(model.embed, c)
+        split = lambda a: a.reshape(microbatches, -1, *a.shape[1:])  # noqa: E731
+        return pipeline_loss(
+            lambda embed, t: embed(t),
+            run_chunk,
+            last,
+            model.embed,
+            model.layers,
+            (model.norm, head),
+            split(tokens),
+            split(targets),
+            table=table,
+            axis_name=c.pipeline_axis,
+        )
+
+    def _check_not_pipelined(self, what: str) -> None:
+        c = self.config
+        if c.chunks > 1 and axis_size(c.pipeline_axis) not in (None, 1):
+            raise ValueError(
+                f"{what} runs every layer on one device, but this model's layers are split "
+                f"over the {c.pipeline_axis!r} axis here. Use Transformer.loss (pipelined), "
+                f"or call it outside the pipeline axis (e.g. in_specs that keep the layers "
+                f"whole), or on model.with_config(pipeline_stages=1, virtual_stages=1)."
+            )
 
     def with_config(self, **changes: Any) -> Transformer:
         """The same weights under a config with some static switches changed (e.g.
@@ -359,8 +463,11 @@ class Transformer(eqx.Module):
         skeleton = eqx.filter_eval_shape(Transformer, config, key=jax.random.key(0))
         leaves = jax.tree.leaves(self)
         want = jax.tree.leaves(skeleton)
-        if [x.shape for x in leaves] != [x.shape for x in want]:
-            raise ValueError(f"with_config({changes}): the change alters parameter shapes.")
+        if [x.size for x in leaves] != [x.size for x in want]:
+            raise ValueError(f"with_config({changes}): the change alters parameter sizes.")
+        # Only the stacked layer layout may change (pipeline chunking): a reshape, since
+        # chunk order is layer order.
+        leaves = [x.reshape(w.shape) for x, w in zip(leaves, want, strict=True)]
         return jax.tree.unflatten(jax.tree.structure(skeleton), leaves)
 
     def generate(
@@ -435,7 +542,8 @@ class Transformer(eqx.Module):
         return out
 
     def _step(self, tokens: Array, caches: KVCache) -> tuple[Array, KVCache]:
-        dynamic, static = eqx.partition(self.layers, eqx.is_array)
+        self._check_not_pipelined("generate()")
+        dynamic, static = eqx.partition(self.flat_layers(), eqx.is_array)
 
         def body(x, xs):
             layer, cache = xs
@@ -495,3 +603,25 @@ def flops_per_token(config: TransformerConfig, seq_len: int, *, training: bool =
 def count_params(model: eqx.Module) -> int:
     """The number of array elements in `model` (global sizes)."""
     return sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+
+
+def _stack_as(layers: TransformerBlock, config: TransformerConfig) -> TransformerBlock:
+    """`(num_layers, ...)` -> `(virtual, stages, per_chunk, ...)` when pipelined."""
+    if config.chunks == 1:
+        return layers
+    shape = (config.virtual_stages, config.pipeline_stages, config.num_layers // config.chunks)
+    return jax.tree.map(lambda a: a.reshape(*shape, *a.shape[1:]), layers)
+
+
+class _TiedHead(eqx.Module):
+    """The output head tied to the embedding table (for the last pipeline stage)."""
+
+    embed: VocabParallelEmbedding
+    collective_matmul: Any = eqx.field(static=True)
+
+    def __init__(self, embed: VocabParallelEmbedding, config: TransformerConfig):
+        self.embed = embed
+        self.collective_matmul = config.collective_matmul
+
+    def __call__(self, x: Array) -> Array:
+        return self.embed.attend(x, collective_matmul=self.collective_matmul)

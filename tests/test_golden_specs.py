@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import eqxpar as ep
-from models import SimpleClassifier, TPClassifier, Transformer, TransformerConfig
+from models import PPClassifier, SimpleClassifier, TPClassifier, Transformer, TransformerConfig
 
 GOLDEN = Path(__file__).parent / "golden"
 SMALL = TransformerConfig(vocab_size=64, dim=32, num_layers=2, num_heads=4, max_seq_len=32)
@@ -26,6 +26,10 @@ MODELS = {
     "transformer_llama": lambda k: Transformer(
         SMALL.replace(activation="swiglu", num_kv_heads=2, tie_embeddings=True), key=k
     ),
+    "transformer_pipelined": lambda k: Transformer(
+        SMALL.replace(pipeline_stages=2, virtual_stages=1), key=k
+    ),
+    "pp_classifier": lambda k: PPClassifier(64, 10, depth=4, stages=2, virtual=2, key=k),
     "transformer_gpt_sp": lambda k: Transformer(
         SMALL.replace(norm="layernorm", use_bias=True, sequence_parallel=True), key=k
     ),

@@ -1,0 +1,414 @@
+"""Pipeline parallelism: bubble fractions, step time, memory and collectives per schedule.
+
+For `eqxpar.pipeline`'s three schedules, `GPipe()`, `OneFOneB()` and
+`Interleaved1F1B(2)`, with `p = --stages` (default 4) pipeline stages:
+
+1. **Bubble**: for `m` in `--microbatches` (default 4, 8, 16, 32), the idle fraction
+   of each schedule's tick table (`TickTable.bubble_fraction()`) next to the theory,
+   `(p-1)/(m+p-1)` for GPipe and 1F1B and `(p-1)/(v·m+p-1)` for the interleaved
+   schedule with `v` virtual stages (Narayanan et al. 2021). PASS when they are equal.
+2. **Memory**: the compiled training step's temporaries
+   (`compiled.memory_analysis().temp_size_in_bytes`, per device) of a
+   `models.PPClassifier` for each `m`, the batch growing with `m` (`--batch` rows per
+   microbatch per data shard), next to each table's activation-buffer slot count
+   (`eqxpar.pipeline._executor._program(table).num_slots`, the stage inputs the
+   executor keeps) and `max_in_flight()`. The claim checked: 1F1B's temporaries stay
+   flat as `m` grows, GPipe's grow linearly (see `--gpipe-growth` for the threshold).
+   The steps are compiled only, never run.
+3. **Time**: one training step (loss and gradients) at `m = --time-microbatches`
+   (default 8) with `--time-batch` rows per microbatch per data shard, per schedule,
+   in ms. On CPU with simulated devices every device shares the same cores, so this
+   is the executor's overhead, not a speed-up, and idle ticks are not free.
+4. **Collectives** over `pipeline` in each compiled step
+   (`eqxpar.profile.count_collectives`): only collective-permutes (two per tick) and
+   the final all-reduces of the loss and of the first and last stage's gradients.
+   Asserted.
+
+The pipeline step is the one a user writes:
+
+    eqx.filter_jit(eqx.filter_value_and_grad(filter_shard_map(
+        lambda model, x, y: pmean(model.loss(x, y, schedule=..., microbatches=m), "data"),
+        mesh=make_mesh(pipeline=p, data=d), ...)))
+
+Side by side, the **plain-JAX alternative**: the same model without a pipeline, all
+layers on every device, `jax.jit(jax.value_and_grad(loss))` with the parameters
+replicated and the batch split over a data-parallel mesh of the same `p·d` devices
+(XLA's SPMD partitioner inserts the gradient all-reduce). Its loss is checked against
+the pipeline's.
+
+Run alone with `python benchmarks/pipeline.py --help` for the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from fractions import Fraction
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from _common import add_run_flags, format_table, start_devices, time_round_robin
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import eqxpar as ep
+from eqxpar.pipeline import AbstractSchedule, GPipe, Interleaved1F1B, OneFOneB, TickTable
+from eqxpar.pipeline._executor import _program
+from eqxpar.profile import CollectiveReport, count_collectives
+from models import PPClassifier
+
+MIB = 2.0**20
+PLAIN = "plain jax.jit DP"
+
+
+def schedules(virtual: int) -> dict[str, AbstractSchedule]:
+    """The schedules compared, by name."""
+    return {"GPipe": GPipe(), "1F1B": OneFOneB(), f"interleaved v={virtual}": Interleaved1F1B(virtual)}
+
+
+def virtual_of(schedule: AbstractSchedule) -> int:
+    """`v` of an interleaved schedule, else 1."""
+    return schedule.virtual if isinstance(schedule, Interleaved1F1B) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_run_flags(parser)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    parser.add_argument("--stages", type=int, default=4, help="pipeline stages p (default 4)")
+    parser.add_argument("--data", type=int, default=2, help="data-parallel size (default 2)")
+    parser.add_argument("--virtual", type=int, default=2, help="interleaved v (default 2)")
+    parser.add_argument(
+        "--microbatches", type=int, nargs="+", default=[4, 8, 16, 32],
+        help="m for the bubble and memory tables (default 4 8 16 32)",
+    )  # fmt: skip
+    parser.add_argument("--width", type=int, default=512, help="residual width (default 512)")
+    parser.add_argument("--hidden", type=int, default=512, help="MLP hidden size (default 512)")
+    parser.add_argument("--depth", type=int, default=8, help="residual blocks (default 8)")
+    parser.add_argument("--features", type=int, default=16, help="input features (default 16)")
+    parser.add_argument("--classes", type=int, default=10, help="classes (default 10)")
+    parser.add_argument(
+        "--batch", type=int, default=512,
+        help="memory table: rows per microbatch per data shard (default 512)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--time-batch", type=int, default=16,
+        help="timing: rows per microbatch per data shard (default 16)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--time-microbatches", type=int, default=8, help="timing: m (default 8)"
+    )
+    parser.add_argument(
+        "--flat", type=float, default=1.5,
+        help="PASS needs 1F1B's temp at the largest m below this times its smallest-m value",
+    )  # fmt: skip
+    parser.add_argument(
+        "--gpipe-growth", type=float, default=2.0,
+        help="PASS needs GPipe's temp at the largest m above this times its smallest-m value "
+        "(default 2; see the README for why not 4)",
+    )  # fmt: skip
+    return parser
+
+
+# -- the steps ---------------------------------------------------------------------------
+
+
+def make_model(args: argparse.Namespace, virtual: int) -> PPClassifier:
+    """The classifier, split into `stages x virtual` chunks (the same key for every `v`:
+    the same weights, stacked differently)."""
+    return PPClassifier(
+        args.features, args.classes, width=args.width, hidden=args.hidden, depth=args.depth,
+        stages=args.stages, virtual=virtual, key=jax.random.key(0),
+    )  # fmt: skip
+
+
+def pipeline_step(mesh: jax.sharding.Mesh, schedule: AbstractSchedule, m: int) -> Any:
+    """`step(model, x, y) -> (loss, grads)`: value-and-grad of the pipelined loss."""
+
+    def per_shard(model: PPClassifier, x: jax.Array, y: jax.Array) -> jax.Array:
+        loss = model.loss(x, y, schedule=schedule, microbatches=m)
+        return jax.lax.pmean(loss, "data")  # the mean over the data shards
+
+    mapped = ep.filter_shard_map(
+        per_shard, mesh=mesh, in_specs=(None, P("data"), P("data")), out_specs=P()
+    )
+    return eqx.filter_jit(eqx.filter_value_and_grad(mapped))
+
+
+def plain_step(static: Any) -> Any:
+    """The plain-JAX alternative: `jax.jit` of value-and-grad of the layers in order."""
+
+    @jax.jit
+    def step(params: Any, x: jax.Array, y: jax.Array):
+        return jax.value_and_grad(lambda p: eqx.combine(p, static).loss(x, y))(params)
+
+    return step
+
+
+def batch(args: argparse.Namespace, rows: int, sharding: NamedSharding) -> tuple:
+    """Random inputs `(rows, features)` and labels `(rows,)`, split over `data`."""
+    x = jax.random.normal(jax.random.key(1), (rows, args.features))
+    y = jax.random.randint(jax.random.key(2), (rows,), 0, args.classes)
+    return jax.device_put(x, sharding), jax.device_put(y, sharding)
+
+
+def temp_bytes(compiled: Any) -> int:
+    """Per-device temporaries of a compiled step (Equinox's wrapper or JAX's)."""
+    return getattr(compiled, "compiled", compiled).memory_analysis().temp_size_in_bytes
+
+
+# -- the tables --------------------------------------------------------------------------
+
+
+def bubble_section(args: argparse.Namespace) -> tuple[list[str], list[tuple[str, bool]]]:
+    """The bubble table from the tick tables, against the theory."""
+    p, v = args.stages, args.virtual
+    scheds = schedules(v)
+    rows, checks = [], []
+    for m in args.microbatches:
+        flat, inter = Fraction(p - 1, m + p - 1), Fraction(p - 1, v * m + p - 1)
+        cells: list[Any] = [m]
+        for name, schedule in scheds.items():
+            theory = inter if virtual_of(schedule) > 1 else flat
+            got = schedule.bubble_fraction(p, m)
+            ok = abs(got - float(theory)) < 1e-12
+            checks.append((f"bubble {name} p={p} m={m}: table {got:.4f}, theory {theory}", ok))
+            cells += [f"{got:.4f}", f"{float(theory):.4f}", "PASS" if ok else "FAIL"]
+        rows.append(cells)
+    headers = ["m"]
+    for name in scheds:
+        headers += [f"{name} table", "theory", ""]
+    lines = [
+        f"## pipeline: bubble fraction, p={p}, from the tick tables",
+        "theory: (p-1)/(m+p-1) for GPipe and 1F1B, (p-1)/(v*m+p-1) interleaved",
+        "",
+        format_table(headers, rows),
+    ]
+    return lines, checks
+
+
+def memory_section(
+    args: argparse.Namespace, pipe_mesh: jax.sharding.Mesh, dp_mesh: jax.sharding.Mesh
+) -> tuple[list[str], list[tuple[str, bool]], float]:
+    """Compiles the step for every schedule and `m`; temporaries and slots as a table."""
+    p, d = args.stages, args.data
+    scheds = schedules(args.virtual)
+    models = {name: make_model(args, virtual_of(s)) for name, s in scheds.items()}
+    placed = {name: ep.shard(model, pipe_mesh) for name, model in models.items()}
+    dyn, static = eqx.partition(models["1F1B"], eqx.is_array)
+    plain_params = jax.device_put(dyn, NamedSharding(dp_mesh, P()))
+    temps: dict[str, dict[int, int]] = {name: {} for name in [*scheds, PLAIN]}
+    slots: dict[str, dict[int, tuple[int, int]]] = {name: {} for name in scheds}
+    start = time.perf_counter()
+    for m in args.microbatches:
+        rows = m * args.batch * d
+        x, y = batch(args, rows, NamedSharding(pipe_mesh, P("data")))
+        for name, schedule in scheds.items():
+            table = schedule.table(p, m)
+            slots[name][m] = (_program(table).num_slots, table.max_in_flight())
+            compiled = pipeline_step(pipe_mesh, schedule, m).lower(placed[name], x, y).compile()
+            temps[name][m] = temp_bytes(compiled)
+        x, y = batch(args, rows, NamedSharding(dp_mesh, P("data")))
+        temps[PLAIN][m] = temp_bytes(plain_step(static).lower(plain_params, x, y).compile())
+    compile_s = time.perf_counter() - start
+
+    ms = args.microbatches
+    rows_out = []
+    for m in ms:
+        cells: list[Any] = [m, m * args.batch * d]
+        for name in scheds:
+            n_slots, in_flight = slots[name][m]
+            cells += [f"{n_slots} / {in_flight}", f"{temps[name][m] / MIB:.1f}"]
+        cells.append(f"{temps[PLAIN][m] / MIB:.1f}")
+        rows_out.append(cells)
+    headers = ["m", "global batch"]
+    for name in scheds:
+        headers += [f"{name} slots / in flight", f"{name} temp MiB"]
+    headers.append(f"{PLAIN} temp MiB")
+
+    lo, hi = ms[0], ms[-1]
+    one, gpipe = temps["1F1B"], temps["GPipe"]
+    slot_bytes = 2 * args.batch * args.width * 4  # a chunk input and its gradient, f32
+    growth = (gpipe[hi] - gpipe[lo]) / (hi - lo)
+    checks = [
+        (
+            f"1F1B temp at m={hi} is {one[hi] / one[lo]:.2f}x its m={lo} value "
+            f"(< {args.flat:g}x wanted)",
+            one[hi] < args.flat * one[lo],
+        ),
+        (
+            f"GPipe temp at m={hi} is {gpipe[hi] / gpipe[lo]:.2f}x its m={lo} value "
+            f"(> {args.gpipe_growth:g}x wanted)",
+            gpipe[hi] > args.gpipe_growth * gpipe[lo],
+        ),
+        (
+            f"GPipe temp grows by {growth / MIB:.3f} MiB per microbatch = one buffer slot of "
+            f"each of the two buffers (2 x batch x width x 4 B = {slot_bytes / MIB:.3f} MiB)",
+            abs(growth - slot_bytes) <= 0.02 * slot_bytes,
+        ),
+    ]
+    lines = [
+        "## pipeline: compiled temporaries of a training step per device",
+        f"model: PPClassifier features={args.features}, width={args.width}, "
+        f"hidden={args.hidden}, depth={args.depth}, classes={args.classes}, f32; "
+        f"mesh pipeline={p}, data={d}; {args.batch} rows per microbatch per data shard",
+        "slots / in flight: the executor's buffer slots per device "
+        "(_program(table).num_slots) / table.max_in_flight();",
+        "temp MiB: compiled.memory_analysis().temp_size_in_bytes (2^20 B), compiled only. "
+        f"{PLAIN}: the same model, no pipeline,",
+        f"params replicated, the same global batch split over data={p * d} "
+        f"({len(scheds) + 1} x {len(ms)} steps compiled in {compile_s:.0f} s).",
+        "",
+        format_table(headers, rows_out),
+    ]
+    return lines, checks, compile_s
+
+
+def collective_cells(report: CollectiveReport) -> tuple[int, int, list[str]]:
+    """Permutes over `pipeline`, all-reduces whose group includes `pipeline`, and any
+    other collective kind over `pipeline` (should be none)."""
+    permutes = report.count("collective-permute", "pipeline")
+    reduces = sum(
+        r.count for r in report.records if r.kind == "all-reduce" and "pipeline" in r.axes
+    )
+    others = sorted(
+        {
+            r.kind
+            for r in report.records
+            if "pipeline" in r.axes and r.kind not in ("collective-permute", "all-reduce")
+        }
+    )
+    return permutes, reduces, others
+
+
+def time_section(
+    args: argparse.Namespace, pipe_mesh: jax.sharding.Mesh, dp_mesh: jax.sharding.Mesh
+) -> tuple[list[str], list[tuple[str, bool]]]:
+    """Times one step per schedule and the plain-JAX step; counts the collectives."""
+    p, d, m = args.stages, args.data, args.time_microbatches
+    rows = m * args.time_batch * d
+    scheds = schedules(args.virtual)
+    calls, reports, tables = {}, {}, {}
+    x, y = batch(args, rows, NamedSharding(pipe_mesh, P("data")))
+    for name, schedule in scheds.items():
+        model = ep.shard(make_model(args, virtual_of(schedule)), pipe_mesh)
+        compiled = pipeline_step(pipe_mesh, schedule, m).lower(model, x, y).compile()
+        calls[name] = (compiled, (model, x, y))
+        reports[name] = count_collectives(compiled, pipe_mesh)
+        tables[name] = schedule.table(p, m)
+    dyn, static = eqx.partition(make_model(args, 1), eqx.is_array)
+    params = jax.device_put(dyn, NamedSharding(dp_mesh, P()))
+    xd, yd = batch(args, rows, NamedSharding(dp_mesh, P("data")))
+    calls[PLAIN] = (plain_step(static).lower(params, xd, yd).compile(), (params, xd, yd))
+
+    # Every variant computes the same loss (the same weights and batch).
+    ref = float(calls[PLAIN][0](*calls[PLAIN][1])[0])
+    checks = []
+    for name in scheds:
+        loss = float(calls[name][0](*calls[name][1])[0])
+        checks.append(
+            (f"{name} loss {loss:.6f} = plain loss {ref:.6f}", abs(loss - ref) <= 1e-4 * abs(ref))
+        )
+    ms = time_round_robin(calls, repeats=args.repeats, warmup=args.warmup)
+
+    rows_out, coll_rows = [], []
+    for name, table in tables.items():
+        permutes, reduces, others = collective_cells(reports[name])
+        rows_out.append(
+            (name, f"{ms[name]:.1f}", f"{ms[name] / ms[PLAIN]:.2f}", table.num_ticks,
+             f"{table.bubble_fraction():.3f}")
+        )  # fmt: skip
+        coll_rows.append(
+            (name, table.num_ticks, permutes, 2 * table.num_ticks, reduces,
+             ", ".join(others) or "-")
+        )  # fmt: skip
+        checks.append(
+            (
+                f"{name}: over pipeline only collective-permutes ({permutes} = 2 x "
+                f"{table.num_ticks} ticks) and {reduces} final all-reduce(s)",
+                not others and permutes == 2 * table.num_ticks and 1 <= reduces <= 3,
+            )
+        )
+    rows_out.append((PLAIN, f"{ms[PLAIN]:.1f}", "1.00", "-", "-"))
+    lines = [
+        f"## pipeline: one training step (loss + grads), m={m}, "
+        f"{args.time_batch} rows per microbatch per data shard (global batch {rows})",
+        f"median of {args.repeats} timed steps per variant (round-robin, {args.warmup} "
+        f"warm-up each); mesh pipeline={p}, data={d}; {PLAIN} on data={p * d}",
+        "",
+        format_table(("variant", "ms/step", "x plain", "ticks", "bubble"), rows_out),
+        "",
+        "Note: the simulated devices share this machine's CPU cores and a collective is a "
+        "memory copy, so",
+        "idle ticks are not free and nothing overlaps: this is the executor's overhead "
+        "(a lax.switch per tick,",
+        "two ppermutes per tick, the recomputed forward in each backward), not a speed-up.",
+        "",
+        "Collectives over `pipeline` in each compiled step (count_collectives): permutes "
+        "(two per tick: activations",
+        "forward, gradients backward), all-reduces whose group includes `pipeline` (the "
+        "loss, and the gradients",
+        "of the embedding, norm and head, held on every stage), and any other kind "
+        "(none wanted).",
+        "",
+        format_table(
+            ("schedule", "ticks", "permutes", "2 x ticks", "all-reduces", "other kinds"),
+            coll_rows,
+        ),
+    ]
+    return lines, checks
+
+
+def check_args(args: argparse.Namespace) -> None:
+    p, d, v = args.stages, args.data, args.virtual
+    if args.depth % (p * v):
+        raise SystemExit(f"--depth {args.depth} must be a multiple of stages x virtual = {p * v}.")
+    bad = [m for m in [*args.microbatches, args.time_microbatches] if m % p]
+    if bad:
+        raise SystemExit(
+            f"microbatches {bad} are not multiples of --stages {p}, which the interleaved "
+            f"schedule needs."
+        )
+    if len(jax.devices()) < p * d:
+        raise SystemExit(
+            f"--stages {p} x --data {d} needs {p * d} devices but JAX has "
+            f"{len(jax.devices())}; pass --devices {p * d}."
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Runs the benchmark and prints its tables; exits non-zero if a check fails."""
+    args = build_parser().parse_args(argv)
+    args.microbatches = sorted(set(args.microbatches))
+    devices = start_devices(args.devices)
+    check_args(args)
+    devs = jax.devices()[: args.stages * args.data]
+    pipe_mesh = ep.make_mesh(pipeline=args.stages, data=args.data, devices=devs)
+    dp_mesh = ep.make_mesh(data=args.stages * args.data, devices=devs)
+    print(f"devices: {devices}\n", flush=True)
+
+    lines, checks = bubble_section(args)
+    print("\n".join(lines), flush=True)
+    print(*(f"{text}: {'PASS' if ok else 'FAIL'}" for text, ok in checks if not ok), sep="\n")
+    print("all bubble fractions equal the theory: " + ("PASS" if all(ok for _, ok in checks)
+                                                       else "FAIL") + "\n", flush=True)  # fmt: skip
+
+    mem_lines, mem_checks, _ = memory_section(args, pipe_mesh, dp_mesh)
+    print("\n".join(mem_lines), flush=True)
+    print(*(f"{text}: {'PASS' if ok else 'FAIL'}" for text, ok in mem_checks), sep="\n")
+    print(flush=True)
+
+    time_lines, time_checks = time_section(args, pipe_mesh, dp_mesh)
+    print("\n".join(time_lines), flush=True)
+    print(*(f"{text}: {'PASS' if ok else 'FAIL'}" for text, ok in time_checks), sep="\n")
+
+    failed = [text for text, ok in checks + mem_checks + time_checks if not ok]
+    if failed:
+        raise SystemExit(f"pipeline: FAIL: {'; '.join(failed)}.")
+
+
+if __name__ == "__main__":
+    main()
