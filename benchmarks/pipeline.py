@@ -48,14 +48,12 @@ from typing import Any
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
-import numpy as np
 from _common import add_run_flags, format_table, start_devices, time_round_robin
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import eqxpar as ep
-from eqxpar.pipeline import AbstractSchedule, GPipe, Interleaved1F1B, OneFOneB, TickTable
+from eqxpar.pipeline import AbstractSchedule, GPipe, Interleaved1F1B, OneFOneB
 from eqxpar.pipeline._executor import _program
 from eqxpar.profile import CollectiveReport, count_collectives
 from models import PPClassifier
@@ -66,7 +64,11 @@ PLAIN = "plain jax.jit DP"
 
 def schedules(virtual: int) -> dict[str, AbstractSchedule]:
     """The schedules compared, by name."""
-    return {"GPipe": GPipe(), "1F1B": OneFOneB(), f"interleaved v={virtual}": Interleaved1F1B(virtual)}
+    return {
+        "GPipe": GPipe(),
+        "1F1B": OneFOneB(),
+        f"interleaved v={virtual}": Interleaved1F1B(virtual),
+    }
 
 
 def virtual_of(schedule: AbstractSchedule) -> int:
@@ -98,9 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--time-batch", type=int, default=16,
         help="timing: rows per microbatch per data shard (default 16)",
     )  # fmt: skip
-    parser.add_argument(
-        "--time-microbatches", type=int, default=8, help="timing: m (default 8)"
-    )
+    parser.add_argument("--time-microbatches", type=int, default=8, help="timing: m (default 8)")
     parser.add_argument(
         "--flat", type=float, default=1.5,
         help="PASS needs 1F1B's temp at the largest m below this times its smallest-m value",
@@ -192,7 +192,7 @@ def bubble_section(args: argparse.Namespace) -> tuple[list[str], list[tuple[str,
 
 def memory_section(
     args: argparse.Namespace, pipe_mesh: jax.sharding.Mesh, dp_mesh: jax.sharding.Mesh
-) -> tuple[list[str], list[tuple[str, bool]], float]:
+) -> tuple[list[str], list[tuple[str, bool]]]:
     """Compiles the step for every schedule and `m`; temporaries and slots as a table."""
     p, d = args.stages, args.data
     scheds = schedules(args.virtual)
@@ -264,7 +264,7 @@ def memory_section(
         "",
         format_table(headers, rows_out),
     ]
-    return lines, checks, compile_s
+    return lines, checks
 
 
 def collective_cells(report: CollectiveReport) -> tuple[int, int, list[str]]:
@@ -351,8 +351,7 @@ def time_section(
         "(two per tick: activations",
         "forward, gradients backward), all-reduces whose group includes `pipeline` (the "
         "loss, and the gradients",
-        "of the embedding, norm and head, held on every stage), and any other kind "
-        "(none wanted).",
+        "of the embedding, norm and head, held on every stage), and any other kind (none wanted).",
         "",
         format_table(
             ("schedule", "ticks", "permutes", "2 x ticks", "all-reduces", "other kinds"),
@@ -391,21 +390,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"devices: {devices}\n", flush=True)
 
     lines, checks = bubble_section(args)
-    print("\n".join(lines), flush=True)
-    print(*(f"{text}: {'PASS' if ok else 'FAIL'}" for text, ok in checks if not ok), sep="\n")
-    print("all bubble fractions equal the theory: " + ("PASS" if all(ok for _, ok in checks)
-                                                       else "FAIL") + "\n", flush=True)  # fmt: skip
+    failed = [text for text, ok in checks if not ok]
+    lines += ["", *(f"{text}: FAIL" for text in failed)]
+    lines.append(f"every table's bubble equals the theory: {'FAIL' if failed else 'PASS'}")
+    print("\n".join(lines) + "\n", flush=True)
 
-    mem_lines, mem_checks, _ = memory_section(args, pipe_mesh, dp_mesh)
-    print("\n".join(mem_lines), flush=True)
-    print(*(f"{text}: {'PASS' if ok else 'FAIL'}" for text, ok in mem_checks), sep="\n")
-    print(flush=True)
-
-    time_lines, time_checks = time_section(args, pipe_mesh, dp_mesh)
-    print("\n".join(time_lines), flush=True)
-    print(*(f"{text}: {'PASS' if ok else 'FAIL'}" for text, ok in time_checks), sep="\n")
-
-    failed = [text for text, ok in checks + mem_checks + time_checks if not ok]
+    for section in (memory_section, time_section):
+        lines, checks = section(args, pipe_mesh, dp_mesh)
+        lines += ["", *(f"{text}: {'PASS' if ok else 'FAIL'}" for text, ok in checks)]
+        print("\n".join(lines) + "\n", flush=True)
+        failed += [text for text, ok in checks if not ok]
     if failed:
         raise SystemExit(f"pipeline: FAIL: {'; '.join(failed)}.")
 

@@ -59,9 +59,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="how the data axis shares model states (default dp)",
     )
     p.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clip")
+    p.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="1f1b",
+        help="pipeline schedule when the mesh has pipeline > 1 (default 1f1b)",
+    )
+    p.add_argument(
+        "--microbatches",
+        type=int,
+        default=None,
+        help="pipeline microbatches per data shard (default: 2 x pipeline size)",
+    )
     p.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps")
     p.add_argument("--sample-tokens", type=int, default=200, help="bytes to generate")
     return p.parse_args(argv)
+
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
 
 def load_corpus(path: Path | None) -> bytes:
@@ -105,7 +120,14 @@ def main(argv: list[str] | None = None) -> dict:
         mesh = ep.make_mesh(**sizes)
     except ValueError as e:
         sys.exit(f"--mesh: {e}")
-    data_size, tensor = mesh.shape["data"], mesh.shape["tensor"]
+    data_size, tensor, stages = mesh.shape["data"], mesh.shape["tensor"], mesh.shape["pipeline"]
+    virtual = 2 if args.schedule == "interleaved" and stages > 1 else 1
+    micro = args.microbatches or 2 * stages
+    if stages > 1 and (args.batch_size // data_size) % micro:
+        sys.exit(
+            f"--microbatches: {micro} does not divide the per-data-shard batch of "
+            f"{args.batch_size // data_size}; choose a divisor or change --batch-size"
+        )
     if args.batch_size % data_size:
         sys.exit(
             f"--batch-size: {args.batch_size} does not split over data={data_size}; "
@@ -127,6 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
             sequence_parallel=args.sequence_parallel,
             remat=args.remat,
             compute_dtype="bfloat16" if args.precision == "bf16" else "float32",
+            pipeline_stages=stages,
+            virtual_stages=virtual,
         )
         warmup = min(50, args.steps // 10 + 1)
         schedule = optax.warmup_cosine_decay_schedule(
@@ -155,7 +179,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     batch, seq = args.batch_size, args.seq_len
 
+    from eqxpar.pipeline import GPipe, Interleaved1F1B, OneFOneB
+
+    pipe = {"gpipe": GPipe(), "1f1b": OneFOneB(), "interleaved": Interleaved1F1B(virtual)}
+    pipe_schedule = pipe[args.schedule] if stages > 1 else None
+
     def loss_fn(model, x, y, key):  # this data shard's mean; key: per step and shard
+        if stages > 1:
+            return model.loss(x, y, schedule=pipe_schedule, microbatches=micro)
         return jnp.mean(model.per_token_loss(x, y, key=key))
 
     step_fn = ep.train.make_train_step(
@@ -165,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     @eqx.filter_jit
     def evaluate(model, x, y):
         fn = ep.filter_shard_map(
-            lambda m, x, y: jax.lax.pmean(jnp.mean(m.per_token_loss(x, y)), "data"),
+            lambda m, x, y: jax.lax.pmean(loss_fn(m, x, y, None), "data"),
             mesh=mesh,
             in_specs=(None, P("data"), P("data")),
             out_specs=P(),
@@ -222,7 +253,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     prompt_text = b"The "
     prompt = jnp.asarray(np.frombuffer(prompt_text, np.uint8).astype(np.int32))[None]
-    sampler = state.model.with_config(sequence_parallel=False, remat="none")
+    sampler = state.model.with_config(
+        sequence_parallel=False, remat="none", pipeline_stages=1, virtual_stages=1
+    )
     generate = eqx.filter_jit(
         ep.filter_shard_map(
             lambda m, p: m.generate(

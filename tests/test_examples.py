@@ -91,9 +91,24 @@ def test_transformer_learns_real_text(tmp_path):
     assert (tmp_path / "transformer" / "loss.png").exists()
 
 
+def test_transformer_on_a_pipeline_mesh_with_fsdp(tmp_path):
+    import train_transformer
+
+    result = train_transformer.main(
+        ["--mesh", "data=2,tensor=2,pipeline=2", "--strategy", "fsdp", "--schedule",
+         "interleaved", "--steps", "20", "--layers", "4", "--dim", "64", "--seq-len", "32",
+         "--eval-every", "20", "--sample-tokens", "8", "--out", str(tmp_path)]
+    )
+    losses = [r["loss"] for r in result["rows"] if "loss" in r]
+    assert losses[-1] < 0.75 * losses[0]
+
+
 @pytest.mark.parametrize(
     "flags,message",
     [
+        (["--schedule", "zigzag"], "--schedule: invalid choice: 'zigzag'"),
+        (["--mesh", "pipeline=2,data=4", "--microbatches", "3"],
+         "--microbatches: 3 does not divide the per-data-shard batch of 4"),
         (["--mesh", "data=2,tensor=8"], "--mesh: make_mesh(data=2 x tensor=8) needs 16"),
         (["--seq-len", "30", "--sequence-parallel"], "--seq-len: 30 does not split over tensor=4"),
         (["--data", "/no/such/file"], "--data: /no/such/file is not a file"),
