@@ -387,9 +387,8 @@ def main(argv: list[str] | None = None) -> None:
     devs = jax.devices()[: args.stages * args.data]
     pipe_mesh = ep.make_mesh(pipeline=args.stages, data=args.data, devices=devs)
     dp_mesh = ep.make_mesh(data=args.stages * args.data, devices=devs)
-    print(f"devices: {devices}\n", flush=True)
-
     lines, checks = bubble_section(args)
+    lines.insert(1, f"devices: {devices}")
     failed = [text for text, ok in checks if not ok]
     lines += ["", *(f"{text}: FAIL" for text in failed)]
     lines.append(f"every table's bubble equals the theory: {'FAIL' if failed else 'PASS'}")

@@ -14,6 +14,7 @@ from ._mesh import make_mesh as make_mesh
 from ._mesh import simulate_cpu_devices as simulate_cpu_devices
 from ._shard_map import filter_shard_map as filter_shard_map
 from ._sharding import Dims as Dims
+from ._sharding import is_arraylike as is_arraylike
 from ._sharding import partition_specs as partition_specs
 from ._sharding import shard as shard
 from ._sharding import sharded as sharded

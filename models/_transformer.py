@@ -602,7 +602,7 @@ def flops_per_token(config: TransformerConfig, seq_len: int, *, training: bool =
 
 def count_params(model: eqx.Module) -> int:
     """The number of array elements in `model` (global sizes)."""
-    return sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+    return sum(x.size for x in jax.tree.leaves(eqx.filter(model, ep.is_arraylike)))
 
 
 def _stack_as(layers: TransformerBlock, config: TransformerConfig) -> TransformerBlock:

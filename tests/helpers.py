@@ -24,6 +24,8 @@ def assert_trees_close(got, want, *, rtol: float = 1e-5, atol: float = 1e-5) -> 
         jax.tree_util.tree_leaves_with_path(got), got_leaves, want_leaves, strict=True
     ):
         path = jax.tree_util.keystr(path_leaf[0])
+        if isinstance(g, jax.Array) and jax.dtypes.issubdtype(g.dtype, jax.dtypes.prng_key):
+            g, w = jax.random.key_data(g), jax.random.key_data(w)
         if isinstance(g, jax.Array | np.ndarray):
             assert g.shape == w.shape, f"{path}: shape {g.shape} != {w.shape}"
             np.testing.assert_allclose(

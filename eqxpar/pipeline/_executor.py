@@ -111,8 +111,15 @@ def _program(table: TickTable) -> _Program:
                 ps, pv = place(g - 1)
                 recv_b[t + 1, ps] = slot_of[(ps, mb, pv)]
     return _Program(
-        arrays["kind"], arrays["mb"], arrays["virt"], first, last, arrays["slot"],
-        recv_f, recv_b, num_slots,
+        arrays["kind"],
+        arrays["mb"],
+        arrays["virt"],
+        first,
+        last,
+        arrays["slot"],
+        recv_f,
+        recv_b,
+        num_slots,
     )
 
 
@@ -216,28 +223,42 @@ def _execute(
         def back():
             dy = lax.dynamic_index_in_dim(dys, row["slot"], keepdims=False)
             _, pull = jax.vjp(
-                lambda f, c, l, x: chunk(f, c, l, x, row["mb"], row["first"], row["last"]),
-                fp, cp, lp, x_in,
+                lambda f, c, last, x: chunk(f, c, last, x, row["mb"], row["first"], row["last"]),
+                fp,
+                cp,
+                lp,
+                x_in,
             )
             y_ct = jnp.where(row["last"], jnp.zeros_like(dy), dy)
-            loss_ct = to_varying(jnp.where(row["last"], 1.0 / m, 0.0).astype(jnp.float32),
-                                 loss_axes)
+            loss_ct = to_varying(
+                jnp.where(row["last"], 1.0 / m, 0.0).astype(jnp.float32), loss_axes
+            )
             dfp, dcp, dlp, dx = pull((act(y_ct), loss_ct))
             gfp, gsp, glp = grads
             gsp = jax.tree.map(
                 lambda acc, d: acc.at[row["virt"]].add(d.astype(acc.dtype)), gsp, dcp
             )
             add = functools.partial(jax.tree.map, lambda a, d: a + d.astype(a.dtype))
-            return (zero_act, act(dx), (add(gfp, dfp), gsp, add(glp, dlp)),
-                    to_varying(jnp.zeros((), jnp.float32), loss_axes))
+            return (
+                zero_act,
+                act(dx),
+                (add(gfp, dfp), gsp, add(glp, dlp)),
+                to_varying(jnp.zeros((), jnp.float32), loss_axes),
+            )
 
         branches = [idle, forward, back] if backward else [idle, forward, idle]
         send_f, send_b, grads, loss = lax.switch(row["kind"], branches)
         return (xs, dys, send_f, send_b, grads, loss_sum + loss), None
 
     grads0 = (_zeros_like(fp, ()), _zeros_like(sp, ()), _zeros_like(lp, ()))
-    carry = (buffer, buffer, zero_act, zero_act, grads0,
-             to_varying(jnp.zeros((), jnp.float32), loss_axes))
+    carry = (
+        buffer,
+        buffer,
+        zero_act,
+        zero_act,
+        grads0,
+        to_varying(jnp.zeros((), jnp.float32), loss_axes),
+    )
     (_, _, _, _, grads, loss_sum), _ = lax.scan(tick, carry, jnp.arange(table.num_ticks))
     loss = lax.psum(loss_sum, axis) / m
     gfp, gsp, glp = grads

@@ -3,6 +3,10 @@ tensor parallelism), and memory reports."""
 
 from .._sharding import LeafLayout as LeafLayout
 from ..nn._common import fsdp_axis as fsdp_axis
+from ._checkpoint import Checkpointer as Checkpointer
+from ._fit import fit as fit
+from ._fit import plot_losses as plot_losses
+from ._fit import resume as resume
 from ._memory import MemoryReport as MemoryReport
 from ._memory import memory_report as memory_report
 from ._state import TrainState as TrainState

@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from .._collectives import to_varying
 from .._shard_map import filter_shard_map
+from ..nn._common import fsdp_axis
 from ._state import TrainState, state_spec_tree
 from ._strategy import LeafPlan, Strategy, as_strategy, is_plan, plan, plan_leaves
 
@@ -133,7 +134,10 @@ def _local_step(
         keep = functools.partial(jnp.where, finite)
         new_params = jax.tree.map(keep, new_params, params)
         opt_state = jax.tree.map(keep, opt_state, state.opt_state)
-    new_state = TrainState(eqx.combine(new_params, static), opt_state, state.step + 1, state.key)
+    applied = finite.astype(jnp.int32) if skip_nonfinite else 1
+    new_state = TrainState(
+        eqx.combine(new_params, static), opt_state, state.step + applied, state.key
+    )
     return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
 
@@ -212,6 +216,7 @@ def make_train_step(
         mapped = filter_shard_map(
             local, mesh=mesh, in_specs=(specs, *bspecs), out_specs=(specs, P())
         )
-        return mapped(state, *batch)
+        with fsdp_axis(strategy.data_axis):  # layers gather FSDP-split weights over it
+            return mapped(state, *batch)
 
     return step

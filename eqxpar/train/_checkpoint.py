@@ -1,0 +1,179 @@
+"""Orbax checkpoints of a `TrainState`: sharded, asynchronous, atomic, keep-last-N,
+restorable onto a different mesh."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import equinox as eqx
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+from ._state import TrainState, state_spec_tree
+from ._strategy import Strategy, as_strategy
+
+
+def _ocp():
+    try:
+        import orbax.checkpoint as ocp
+    except ImportError as e:  # pragma: no cover - the `examples` extra installs it
+        raise ImportError(
+            "eqxpar checkpoints need orbax-checkpoint: pip install 'eqxpar[examples]' or "
+            "pip install orbax-checkpoint."
+        ) from e
+    return ocp
+
+
+def _to_storable(tree: Any) -> Any:
+    """Typed PRNG keys -> their raw uint32 data (Orbax stores plain arrays)."""
+    return jax.tree.map(
+        lambda x: (
+            jax.random.key_data(x)
+            if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+            else x
+        ),
+        tree,
+    )
+
+
+class Checkpointer:
+    """Saves and restores `TrainState`s with Orbax's `CheckpointManager`.
+
+    Each device writes its own shards; saves run in the background (`wait()` blocks
+    until the last one is on disk). A save is written to a temporary directory and
+    renamed when complete, so a crash mid-save leaves the previous checkpoint intact:
+    `latest_step()` and `restore()` only see finished ones. Only the newest `keep`
+    checkpoints are kept.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+        """**Arguments:**
+
+        - `directory`: where the checkpoints live (created if needed).
+        - `keep`: how many of the newest checkpoints to keep.
+        - `async_save`: write in the background.
+        """
+        ocp = _ocp()
+        self.directory = os.fspath(os.path.abspath(directory))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "extra")
+        )
+
+    def save(self, state: TrainState, extra: dict | None = None, *, force: bool = True) -> None:
+        """Starts saving `state` (and a JSON-able `extra`, e.g. the data position) as step
+        `state.step`."""
+        ocp = _ocp()
+        arrays = _to_storable(eqx.filter(state, eqx.is_array))
+        # Global shapes, in flattening order: a restore into another layout needs them.
+        shapes = [list(x.shape) for x in jax.tree.leaves(arrays)]
+        self._manager.save(
+            int(state.step),
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeSave(arrays),
+                extra=ocp.args.JsonSave({"user": extra or {}, "shapes": shapes}),
+            ),
+            force=force,
+        )
+
+    def wait(self) -> None:
+        """Blocks until every started save is complete."""
+        self._manager.wait_until_finished()
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or `None`."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def restore(
+        self,
+        like: TrainState,
+        *,
+        mesh: Any,
+        strategy: str | Strategy = "dp",
+        step: int | None = None,
+    ) -> tuple[TrainState, dict]:
+        """Restores a checkpoint into the structure and mesh of `like`.
+
+        `like` is a `TrainState` for the *target* run (e.g. from `init_state`, or its
+        `eqx.filter_eval_shape`): the checkpoint's arrays are read directly into its
+        shardings on `mesh` under `strategy`, so a run saved on one mesh resumes on any
+        other. If a stored array's shape differs from the target's only by a reshape (a
+        different pipeline layout of the same layers), it is read whole and reshaped.
+
+        **Returns:**
+
+        `(state, extra)`.
+        """
+        ocp = _ocp()
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        specs = state_spec_tree(like, as_strategy(strategy), mesh)
+        flat_specs = jax.tree.structure(like).flatten_up_to(specs)
+        leaves = jax.tree.leaves(like)
+        extra = self._manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))
+        saved = dict(extra["extra"] or {})
+        shapes = [tuple(s) for s in saved.get("shapes", [])]
+        arrays = [(x, spec) for x, spec in zip(leaves, flat_specs, strict=True) if _is_arr(x)]
+        if len(shapes) != len(arrays):
+            raise ValueError(
+                f"checkpoint step {step} holds {len(shapes)} arrays but the target state has "
+                f"{len(arrays)}: it is a different model or optimizer."
+            )
+        targets, reshapes = [], []
+        for (x, spec), stored in zip(arrays, shapes, strict=True):
+            raw = jax.random.key_data(x) if _is_key(x) else x
+            shape = tuple(raw.shape)
+            if int(np.prod(stored)) != int(np.prod(shape)):
+                raise ValueError(
+                    f"checkpoint step {step} has an array of shape {stored} where the target "
+                    f"has {shape}: it is a different model."
+                )
+            same = stored == shape
+            target = NamedSharding(mesh, spec if same else jax.sharding.PartitionSpec())
+            targets.append(jax.ShapeDtypeStruct(stored, raw.dtype, sharding=target))
+            reshapes.append(None if same else (shape, NamedSharding(mesh, spec)))
+        template = _to_storable(eqx.filter(like, _is_arr))
+        treedef = jax.tree.structure(template)
+        target_tree = jax.tree.unflatten(treedef, targets)
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    target_tree,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(target_tree),
+                ),
+            ),
+        )
+        values = []
+        for value, (x, _), reshape in zip(
+            jax.tree.leaves(restored["state"]), arrays, reshapes, strict=True
+        ):
+            if reshape is not None:  # another layout of the same array (pipeline chunks)
+                shape, sharding = reshape
+                value = jax.device_put(np.asarray(value).reshape(shape), sharding)
+            values.append(jax.random.wrap_key_data(value) if _is_key(x) else value)
+        it = iter(values)
+        state = jax.tree.unflatten(
+            jax.tree.structure(like), [next(it) if _is_arr(x) else x for x in leaves]
+        )
+        return state, dict(saved.get("user", {}))
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def _is_arr(x: Any) -> bool:
+    return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
+
+
+def _is_key(x: Any) -> bool:
+    return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)

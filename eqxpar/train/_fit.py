@@ -1,0 +1,181 @@
+"""The fit loop: steps, progress bar, metrics, evaluation, checkpoints, NaN guard."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from ._checkpoint import Checkpointer
+from ._state import TrainState
+
+
+def fit(
+    step_fn: Callable[..., tuple[TrainState, dict]],
+    state: TrainState,
+    batch_fn: Callable[[int], tuple],
+    *,
+    steps: int,
+    start: int = 0,
+    eval_fn: Callable[[TrainState], dict] | None = None,
+    eval_every: int | None = None,
+    checkpointer: Checkpointer | None = None,
+    checkpoint_every: int | None = None,
+    metrics_path: str | os.PathLike | None = None,
+    plot_path: str | os.PathLike | None = None,
+    on_nonfinite: Literal["stop", "skip"] = "stop",
+    items_per_step: int | None = None,
+    progress: bool = True,
+) -> tuple[TrainState, list[dict]]:
+    """Trains until `steps` batches have been used, and returns the state and metrics.
+
+    Batches come from `batch_fn(i)`, a function of the batch index alone, so the data
+    position is just `i`: checkpoints record it, and resuming from one replays exactly
+    the batches an uninterrupted run would have used.
+
+    **Arguments:**
+
+    - `step_fn`: `step_fn(state, *batch) -> (state, metrics)`, as `make_train_step`
+      returns; `metrics["loss"]` is required.
+    - `state`: the `TrainState` to start from.
+    - `batch_fn`: `batch_fn(i) -> batch tuple` for batch index `i`.
+    - `steps`: stop after batch `steps - 1`.
+    - `start`: the first batch index (e.g. from `Checkpointer.restore`'s extra
+      `"data_step"`; `resume` below does it for you).
+    - `eval_fn`, `eval_every`: `eval_fn(state) -> dict of floats`, run every
+      `eval_every` batches and at the end.
+    - `checkpointer`, `checkpoint_every`: save every `checkpoint_every` batches, at the
+      end, and on Ctrl-C (then stop cleanly and return).
+    - `metrics_path`: append one JSON line per step and per evaluation.
+    - `plot_path`: a loss-curve PNG written at the end.
+    - `on_nonfinite`: a non-finite loss `"stop"`s with a `FloatingPointError` naming the
+      step (the state before it is returned in the error's `.state` and, with a
+      checkpointer, saved), or `"skip"`s the update and goes on with the next batch.
+    - `items_per_step`: tokens (or examples) per step, for the throughput column.
+    - `progress`: show a progress bar (tqdm).
+
+    **Returns:**
+
+    `(state, rows)`: the final state and the metric rows.
+    """
+    if on_nonfinite not in ("stop", "skip"):
+        raise ValueError(f"on_nonfinite={on_nonfinite!r}; use 'stop' or 'skip'.")
+    rows: list[dict] = []
+    out = None if metrics_path is None else Path(metrics_path)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    bar = _bar(range(start, steps), progress)
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        if out is not None:
+            with out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def save(i: int) -> None:
+        if checkpointer is not None:
+            checkpointer.save(state, {"data_step": i})
+
+    i = start
+    try:
+        for i in bar:
+            batch = batch_fn(i)
+            t0 = time.perf_counter()
+            new_state, metrics = step_fn(state, *batch)
+            loss = float(metrics["loss"])
+            dt = time.perf_counter() - t0
+            if not math.isfinite(loss):
+                if on_nonfinite == "stop":
+                    save(i)
+                    error = FloatingPointError(
+                        f"step {i}: the loss is {loss}; stopping before applying the update "
+                        f"(the state of step {int(state.step)} is kept"
+                        f"{' and checkpointed' if checkpointer is not None else ''}). Lower "
+                        f"the learning rate, or pass on_nonfinite='skip' to skip such updates."
+                    )
+                    error.state = state  # type: ignore[attr-defined]
+                    raise error
+                record({"step": i, "skipped": True, "loss": loss})
+                continue
+            state = new_state
+            row = {"step": i, "loss": loss, "step_time_s": dt}
+            if "grad_norm" in metrics:
+                row["grad_norm"] = float(metrics["grad_norm"])
+            if items_per_step:
+                row["items_per_s"] = items_per_step / dt
+            record(row)
+            if hasattr(bar, "set_postfix"):
+                rate = f"{items_per_step / dt:,.0f}" if items_per_step else "-"
+                bar.set_postfix(loss=f"{loss:.4f}", per_s=rate, ms=f"{1e3 * dt:.0f}")
+            done = i + 1
+            if eval_fn is not None and eval_every and (done % eval_every == 0 or done == steps):
+                evaluated = {k: float(v) for k, v in eval_fn(state).items()}
+                record({"step": i, **{f"eval_{k}": v for k, v in evaluated.items()}})
+                _write(
+                    bar, f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluated.items())
+                )
+            if checkpoint_every and done % checkpoint_every == 0 and done < steps:
+                save(done)
+        save(steps)
+    except KeyboardInterrupt:
+        _write(bar, f"interrupted at batch {i}: saving and stopping")
+        save(i)
+    finally:
+        if checkpointer is not None:
+            checkpointer.wait()
+        if hasattr(bar, "close"):
+            bar.close()
+        if plot_path is not None and rows:
+            plot_losses(Path(plot_path), rows)
+    return state, rows
+
+
+def resume(
+    checkpointer: Checkpointer, like: TrainState, *, mesh: Any, strategy: Any = "dp"
+) -> tuple[TrainState, int]:
+    """`(state, start)` from the newest checkpoint, or `(like, 0)` if there is none."""
+    if checkpointer.latest_step() is None:
+        return like, 0
+    state, extra = checkpointer.restore(like, mesh=mesh, strategy=strategy)
+    return state, int(extra.get("data_step", int(state.step)))
+
+
+def plot_losses(path: Path, rows: list[dict], title: str | None = None) -> Path:
+    """The training loss (and evaluation losses, if any) against the step, as a PNG."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.add_subplot()
+    train = [r for r in rows if "loss" in r and not r.get("skipped")]
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    for key in sorted({k for r in rows for k in r if k.startswith("eval_") and "loss" in k}):
+        points = [r for r in rows if key in r]
+        ax.plot([r["step"] for r in points], [r[key] for r in points], "o-", label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    if title:
+        ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _bar(iterable: Any, progress: bool) -> Any:
+    if not progress:
+        return iterable
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is in the `examples` extra
+        return iterable
+    return tqdm(iterable, desc="train", unit="step", mininterval=1.0)
+
+
+def _write(bar: Any, text: str) -> None:
+    (bar.write if hasattr(bar, "write") else print)(text)
