@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -64,36 +63,3 @@ def start_devices(n: int) -> None:
 
     if os.environ.get("JAX_PLATFORMS", "cpu") in ("", "cpu"):
         ep.simulate_cpu_devices(n)
-
-
-def write_metrics(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-
-
-def plot_losses(path: Path, rows: list[dict], title: str) -> None:
-    """Loss curve (train, and eval where present) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    train = [r for r in rows if "loss" in r]
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
-    evals = [r for r in rows if "eval_loss" in r]
-    if evals:
-        ax.plot(
-            [r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="test loss"
-        )
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy")
-    ax.set_yscale("log")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

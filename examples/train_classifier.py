@@ -14,7 +14,7 @@ import argparse
 import sys
 import time
 
-from common import base_parser, plot_losses, start_devices, write_metrics
+from common import base_parser, start_devices
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,7 +42,6 @@ def main(argv: list[str] | None = None) -> float:
     from jax.sharding import PartitionSpec as P
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
-    from tqdm import tqdm
 
     import eqxpar as ep
     from models import SimpleClassifier, TPClassifier
@@ -95,32 +94,37 @@ def main(argv: list[str] | None = None) -> float:
     pad = (-len(x_test)) % data_size  # the test set must split over "data" too
     x_eval = np.concatenate([x_test, x_test[:pad]])
     y_eval = np.concatenate([y_test, y_test[:pad]])
-    rng = np.random.default_rng(args.seed)
-    rows: list[dict] = []
+
+    def batch_fn(i):
+        idx = np.random.default_rng([args.seed, i]).choice(len(x_train), batch, replace=False)
+        return x_train[idx], y_train[idx]
+
+    def eval_fn(state):
+        loss, acc = evaluate(state.model, x_eval, y_eval)
+        return {"loss": loss, "accuracy": acc}
+
     mesh_text = ",".join(f"{k}={v}" for k, v in sizes.items())
     print(
         f"{args.strategy}: {type(state.model).__name__} on {mesh_text}, "
         f"{len(x_train)} train / {len(x_test)} test digits"
     )
-    bar = tqdm(range(1, args.steps + 1), desc="train", unit="step", mininterval=1.0)
-    start = time.perf_counter()
-    for step in bar:
-        idx = rng.choice(len(x_train), size=batch, replace=False)
-        t0 = time.perf_counter()
-        state, metrics = train_step(state, x_train[idx], y_train[idx])
-        loss = float(metrics["loss"])
-        dt = time.perf_counter() - t0
-        rows.append({"step": step, "loss": loss, "step_time_s": dt, "examples_per_s": batch / dt})
-        bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{batch / dt:,.0f}", ms=f"{1e3 * dt:.1f}")
-        if step % args.eval_every == 0 or step == args.steps:
-            eval_loss, acc = evaluate(state.model, x_eval, y_eval)
-            rows.append({"step": step, "eval_loss": float(eval_loss), "accuracy": float(acc)})
-            bar.write(f"step {step}: test loss {float(eval_loss):.4f}, accuracy {float(acc):.2%}")
-    elapsed = time.perf_counter() - start
     out = args.out / f"classifier-{args.strategy}"
-    write_metrics(out / "metrics.jsonl", rows)
-    plot_losses(out / "loss.png", rows, f"digits, {args.strategy} on {mesh_text}")
-    accuracy = rows[-1]["accuracy"]
+    if (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()
+    start = time.perf_counter()
+    state, rows = ep.train.fit(
+        train_step,
+        state,
+        batch_fn,
+        steps=args.steps,
+        eval_fn=eval_fn,
+        eval_every=args.eval_every,
+        metrics_path=out / "metrics.jsonl",
+        items_per_step=batch,
+    )
+    elapsed = time.perf_counter() - start
+    ep.train.plot_losses(out / "loss.png", rows, f"digits, {args.strategy} on {mesh_text}")
+    accuracy = rows[-1]["eval_accuracy"]
     print(
         f"done in {elapsed:.1f}s: test accuracy {accuracy:.2%}; "
         f"metrics in {out / 'metrics.jsonl'}, plot in {out / 'loss.png'}"

@@ -13,12 +13,11 @@ time, evaluates on held-out text, writes metrics (JSONL) and a loss plot (PNG) u
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
 
-from common import base_parser, plot_losses, start_devices, write_metrics
+from common import base_parser, start_devices
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,6 +72,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps")
     p.add_argument("--sample-tokens", type=int, default=200, help="bytes to generate")
+    p.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        default=None,
+        help="save Orbax checkpoints here (and on Ctrl-C)",
+    )
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
+    p.add_argument("--keep-checkpoints", type=int, default=3, help="newest checkpoints kept")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in --checkpoint-dir (any mesh)",
+    )
     return p.parse_args(argv)
 
 
@@ -109,10 +121,9 @@ def main(argv: list[str] | None = None) -> dict:
     import numpy as np
     import optax
     from jax.sharding import PartitionSpec as P
-    from tqdm import tqdm
 
     import eqxpar as ep
-    from models import Transformer, TransformerConfig, count_params, flops_per_token
+    from models import Transformer, TransformerConfig, count_params
 
     n = len(jax.devices())
     sizes = args.mesh or {"data": max(1, n // 4), "tensor": min(4, n)}
@@ -181,8 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from eqxpar.pipeline import GPipe, Interleaved1F1B, OneFOneB
 
-    pipe = {"gpipe": GPipe(), "1f1b": OneFOneB(), "interleaved": Interleaved1F1B(virtual)}
-    pipe_schedule = pipe[args.schedule] if stages > 1 else None
+    pipe = {"gpipe": GPipe, "1f1b": OneFOneB, "interleaved": lambda: Interleaved1F1B(virtual)}
+    pipe_schedule = pipe[args.schedule]() if stages > 1 else None
 
     def loss_fn(model, x, y, key):  # this data shard's mean; key: per step and shard
         if stages > 1:
@@ -203,15 +214,15 @@ def main(argv: list[str] | None = None) -> dict:
         )
         return fn(model, x, y)
 
-    rng = np.random.default_rng(args.seed)
-
-    def windows(source, count):
+    def windows(source, count, rng):
         starts = rng.integers(0, len(source) - seq - 1, size=count)
         chunk = np.stack([source[s : s + seq + 1] for s in starts])
         return chunk[:, :-1], chunk[:, 1:]
 
-    eval_x, eval_y = windows(held_out, 4 * batch)
-    rows: list[dict] = []
+    def batch_fn(i):  # a function of the batch index alone: resuming replays the data
+        return windows(train, batch, np.random.default_rng([args.seed, i]))
+
+    eval_x, eval_y = windows(held_out, 4 * batch, np.random.default_rng([args.seed, 2**31]))
     mesh_text = ",".join(f"{k}={v}" for k, v in sizes.items())
     print(
         f"Transformer: {count_params(state.model) / 1e6:.2f}M params, {config.num_layers} layers x "
@@ -220,37 +231,36 @@ def main(argv: list[str] | None = None) -> dict:
         f"SP={'on' if args.sequence_parallel else 'off'}); corpus {len(corpus):,} bytes; "
         f"unigram baseline {baseline:.3f} nats/byte"
     )
-    bar = tqdm(range(1, args.steps + 1), desc="train", unit="step", mininterval=1.0)
-    flops = flops_per_token(config, seq)
-    start = time.perf_counter()
-    for step in bar:
-        x, y = windows(train, batch)
-        t0 = time.perf_counter()
-        state, metrics = step_fn(state, x, y)
-        loss = float(metrics["loss"])
-        dt = time.perf_counter() - t0
-        if not math.isfinite(loss):
-            sys.exit(f"step {step}: the loss is {loss}; stopping (lower --lr?)")
-        tok_s = batch * seq / dt
-        rows.append(
-            {
-                "step": step,
-                "loss": loss,
-                "step_time_s": dt,
-                "tokens_per_s": tok_s,
-                "gflops_per_s": flops * tok_s / 1e9,
-            }
+    out = args.out / "transformer"
+    checkpointer = start = None
+    if args.checkpoint_dir is not None:
+        checkpointer = ep.train.Checkpointer(args.checkpoint_dir, keep=args.keep_checkpoints)
+    if args.resume:
+        if checkpointer is None or checkpointer.latest_step() is None:
+            sys.exit(f"--resume: no checkpoint in --checkpoint-dir={args.checkpoint_dir}")
+        state, start = ep.train.resume(checkpointer, state, mesh=mesh, strategy=args.strategy)
+        print(f"resumed from step {int(state.step)} (batch {start})")
+    elif (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()
+    begin = time.perf_counter()
+    try:
+        state, rows = ep.train.fit(
+            step_fn,
+            state,
+            batch_fn,
+            steps=args.steps,
+            start=start or 0,
+            eval_fn=lambda st: {"loss": evaluate(st.model, eval_x, eval_y)},
+            eval_every=args.eval_every,
+            checkpointer=checkpointer,
+            checkpoint_every=args.checkpoint_every,
+            metrics_path=out / "metrics.jsonl",
+            plot_path=out / "loss.png",
+            items_per_step=batch * seq,
         )
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", ms=f"{1e3 * dt:.0f}")
-        if step % args.eval_every == 0 or step == args.steps:
-            eval_loss = float(evaluate(state.model, eval_x, eval_y))
-            rows.append({"step": step, "eval_loss": eval_loss})
-            bar.write(
-                f"step {step}: held-out loss {eval_loss:.3f} nats/byte "
-                f"(unigram baseline {baseline:.3f})"
-            )
-    elapsed = time.perf_counter() - start
-
+    except FloatingPointError as e:
+        sys.exit(str(e))
+    elapsed = time.perf_counter() - begin
     prompt_text = b"The "
     prompt = jnp.asarray(np.frombuffer(prompt_text, np.uint8).astype(np.int32))[None]
     sampler = state.model.with_config(
@@ -267,10 +277,9 @@ def main(argv: list[str] | None = None) -> dict:
         )
     )
     sample = bytes(np.asarray(generate(sampler, prompt))[0].astype(np.uint8))
-    out = args.out / "transformer"
-    write_metrics(out / "metrics.jsonl", rows)
-    plot_losses(out / "loss.png", rows, f"byte LM, {mesh_text}, baseline {baseline:.2f}")
-    final = [r["eval_loss"] for r in rows if "eval_loss" in r][-1]
+    ep.train.plot_losses(out / "loss.png", rows, f"byte LM, {mesh_text}, baseline {baseline:.2f}")
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    final = evals[-1] if evals else float("nan")
     print(
         f"done in {elapsed:.0f}s: held-out loss {final:.3f} nats/byte vs unigram "
         f"{baseline:.3f}; metrics in {out / 'metrics.jsonl'}, plot in {out / 'loss.png'}"

@@ -1,11 +1,13 @@
 """The example scripts run and learn (real data: scikit-learn's bundled digits)."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -30,7 +32,7 @@ def test_tp_classifier_learns_digits(tmp_path):
     out = tmp_path / "classifier-tp"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
-    assert len(losses) == 300 and losses[-1] < 0.2 * losses[0]
+    assert len(losses) == 300 and np.mean(losses[-20:]) < 0.2 * losses[0]
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -91,13 +93,62 @@ def test_transformer_learns_real_text(tmp_path):
     assert (tmp_path / "transformer" / "loss.png").exists()
 
 
+def test_transformer_example_resumes_from_a_checkpoint(tmp_path):
+    import train_transformer
+
+    common = [
+        "--layers",
+        "2",
+        "--dim",
+        "32",
+        "--seq-len",
+        "32",
+        "--eval-every",
+        "6",
+        "--sample-tokens",
+        "4",
+        "--out",
+        str(tmp_path),
+    ]
+    ckpt = ["--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "3"]
+    full = train_transformer.main([*common, *ckpt, "--steps", "6"])
+    # As if the run had died after step 3: drop the final checkpoint, then resume on
+    # another mesh shape and finish.
+    shutil.rmtree(tmp_path / "ckpt" / "6")
+    resumed = train_transformer.main(
+        [*common, *ckpt, "--steps", "6", "--resume", "--mesh", "data=4,tensor=2"]
+    )
+    want = [r["loss"] for r in full["rows"] if "loss" in r][3:]
+    got = [r["loss"] for r in resumed["rows"] if "loss" in r]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
 def test_transformer_on_a_pipeline_mesh_with_fsdp(tmp_path):
     import train_transformer
 
     result = train_transformer.main(
-        ["--mesh", "data=2,tensor=2,pipeline=2", "--strategy", "fsdp", "--schedule",
-         "interleaved", "--steps", "20", "--layers", "4", "--dim", "64", "--seq-len", "32",
-         "--eval-every", "20", "--sample-tokens", "8", "--out", str(tmp_path)]
+        [
+            "--mesh",
+            "data=2,tensor=2,pipeline=2",
+            "--strategy",
+            "fsdp",
+            "--schedule",
+            "interleaved",
+            "--steps",
+            "20",
+            "--layers",
+            "4",
+            "--dim",
+            "64",
+            "--seq-len",
+            "32",
+            "--eval-every",
+            "20",
+            "--sample-tokens",
+            "8",
+            "--out",
+            str(tmp_path),
+        ]
     )
     losses = [r["loss"] for r in result["rows"] if "loss" in r]
     assert losses[-1] < 0.75 * losses[0]
@@ -107,8 +158,11 @@ def test_transformer_on_a_pipeline_mesh_with_fsdp(tmp_path):
     "flags,message",
     [
         (["--schedule", "zigzag"], "--schedule: invalid choice: 'zigzag'"),
-        (["--mesh", "pipeline=2,data=4", "--microbatches", "3"],
-         "--microbatches: 3 does not divide the per-data-shard batch of 4"),
+        (["--resume", "--checkpoint-dir", "/nonexistent-eqxpar"], "--resume: no checkpoint in"),
+        (
+            ["--mesh", "pipeline=2,data=4", "--microbatches", "3"],
+            "--microbatches: 3 does not divide the per-data-shard batch of 4",
+        ),
         (["--mesh", "data=2,tensor=8"], "--mesh: make_mesh(data=2 x tensor=8) needs 16"),
         (["--seq-len", "30", "--sequence-parallel"], "--seq-len: 30 does not split over tensor=4"),
         (["--data", "/no/such/file"], "--data: /no/such/file is not a file"),

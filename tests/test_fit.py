@@ -29,11 +29,19 @@ def batch_fn(i):
 
 
 def setup(mesh, config=CONFIG, strategy="zero2", microbatches=1):
-    state = init_state(Transformer, config, key=jax.random.key(0), optimizer=OPTIMIZER,
-                       mesh=mesh, strategy=strategy)
+    state = init_state(
+        Transformer,
+        config,
+        key=jax.random.key(0),
+        optimizer=OPTIMIZER,
+        mesh=mesh,
+        strategy=strategy,
+    )
     step = make_train_step(
-        lambda m, x, y, key: m.loss(x, y, microbatches=microbatches), OPTIMIZER,
-        mesh=mesh, strategy=strategy,
+        lambda m, x, y, key: m.loss(x, y, microbatches=microbatches),
+        OPTIMIZER,
+        mesh=mesh,
+        strategy=strategy,
     )
     return state, step
 
@@ -53,12 +61,21 @@ def uninterrupted(data8):
 def test_resume_gives_the_same_losses(data8, uninterrupted, tmp_path):
     state, step = data8
     ckpt = Checkpointer(tmp_path / "run", keep=2)
-    fit(step, state, batch_fn, steps=6, checkpointer=ckpt, checkpoint_every=3, progress=False,
-        on_nonfinite="stop")
+    fit(
+        step,
+        state,
+        batch_fn,
+        steps=6,
+        checkpointer=ckpt,
+        checkpoint_every=3,
+        progress=False,
+        on_nonfinite="stop",
+    )
     assert ckpt.all_steps() == [3, 6]  # keep-last-2 of every 3 steps and the end
     # A new process would do this: build the target state, restore, continue.
-    restored, start = resume(Checkpointer(tmp_path / "run"), state, mesh=ep.make_mesh(data=8),
-                             strategy="zero2")
+    restored, start = resume(
+        Checkpointer(tmp_path / "run"), state, mesh=ep.make_mesh(data=8), strategy="zero2"
+    )
     assert start == 6 and int(restored.step) == 6
     ckpt3 = Checkpointer(tmp_path / "run3")
     fit(step, state, batch_fn, steps=3, checkpointer=ckpt3, progress=False)
@@ -67,8 +84,9 @@ def test_resume_gives_the_same_losses(data8, uninterrupted, tmp_path):
     final, rows = fit(step, again, batch_fn, steps=6, start=start, progress=False)
     want_final, want_losses = uninterrupted
     np.testing.assert_allclose([r["loss"] for r in rows], want_losses[3:], rtol=1e-6)
-    assert_trees_close(eqx.filter(final, eqx.is_array), eqx.filter(want_final, eqx.is_array),
-                       rtol=1e-6, atol=1e-7)
+    assert_trees_close(
+        eqx.filter(final, eqx.is_array), eqx.filter(want_final, eqx.is_array), rtol=1e-6, atol=1e-7
+    )
 
 
 def test_restore_onto_a_different_mesh(data8, uninterrupted, tmp_path):
@@ -76,8 +94,7 @@ def test_restore_onto_a_different_mesh(data8, uninterrupted, tmp_path):
     ckpt = Checkpointer(tmp_path / "run")
     fit(step, state, batch_fn, steps=3, checkpointer=ckpt, progress=False)
     mesh = ep.make_mesh(data=2, tensor=2, pipeline=2)
-    like, step3d = setup(mesh, CONFIG.replace(pipeline_stages=2), strategy="fsdp",
-                         microbatches=2)
+    like, step3d = setup(mesh, CONFIG.replace(pipeline_stages=2), strategy="fsdp", microbatches=2)
     restored, start = resume(ckpt, like, mesh=mesh, strategy="fsdp")
     assert "pipeline" in restored.model.layers.mlp.up.weight.sharding.spec
     _, rows = fit(step3d, restored, batch_fn, steps=6, start=start, progress=False)
@@ -98,13 +115,13 @@ def test_a_crash_mid_save_keeps_the_previous_checkpoint(tmp_path):
         ckpt.save(state(2, 6000))  # ~144 MB: still being written when the process dies
         os._exit(1)
     """)
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 1, run.stderr
     ckpt = Checkpointer(tmp_path / "run")
     assert ckpt.latest_step() == 1
-    like = ep.train.TrainState(jnp.zeros((8, 8)), (), jnp.zeros((), jnp.int32),
-                               jax.random.key(3))
+    like = ep.train.TrainState(jnp.zeros((8, 8)), (), jnp.zeros((), jnp.int32), jax.random.key(3))
     mesh = ep.make_mesh(data=2, devices=jax.devices()[:2])
     restored, _ = ckpt.restore(like, mesh=mesh)
     assert int(restored.step) == 1 and float(restored.model.sum()) == 64.0
@@ -137,8 +154,16 @@ def test_ctrl_c_saves_and_stops(data8, tmp_path):
         return batch_fn(i)
 
     ckpt = Checkpointer(tmp_path / "run")
-    final, rows = fit(step, state, interrupting, steps=5, checkpointer=ckpt, progress=False,
-                      metrics_path=tmp_path / "m.jsonl", plot_path=tmp_path / "loss.png")
+    final, rows = fit(
+        step,
+        state,
+        interrupting,
+        steps=5,
+        checkpointer=ckpt,
+        progress=False,
+        metrics_path=tmp_path / "m.jsonl",
+        plot_path=tmp_path / "loss.png",
+    )
     assert int(final.step) == 2 and len(rows) == 2
     assert ckpt.latest_step() == 2
     _, start = resume(ckpt, state, mesh=ep.make_mesh(data=8), strategy="zero2")

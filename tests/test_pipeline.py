@@ -25,8 +25,9 @@ def data():
 
 def run(sizes, schedule, microbatches, *, virtual=1, compile_only=False):
     p = sizes["pipeline"]
-    model = PPClassifier(12, 5, width=16, hidden=32, depth=8, stages=p, virtual=virtual,
-                         key=jax.random.key(0))
+    model = PPClassifier(
+        12, 5, width=16, hidden=32, depth=8, stages=p, virtual=virtual, key=jax.random.key(0)
+    )
     n = 1
     for size in sizes.values():
         n *= size
@@ -35,7 +36,9 @@ def run(sizes, schedule, microbatches, *, virtual=1, compile_only=False):
         lambda mod, x, y: jax.lax.pmean(
             mod.loss(x, y, schedule=schedule, microbatches=microbatches), "data"
         ),
-        mesh=mesh, in_specs=(None, P("data"), P("data")), out_specs=P(),
+        mesh=mesh,
+        in_specs=(None, P("data"), P("data")),
+        out_specs=P(),
     )
     step = eqx.filter_jit(eqx.filter_value_and_grad(loss))
     x, y = data()
@@ -47,8 +50,14 @@ def run(sizes, schedule, microbatches, *, virtual=1, compile_only=False):
 
 
 CASES = [
-    pytest.param(p, m, schedule, v, marks=[pytest.mark.slow] if m == 4 * p else [],
-                 id=f"{type(schedule).__name__}-p{p}-m{m}")
+    pytest.param(
+        p,
+        m,
+        schedule,
+        v,
+        marks=[pytest.mark.slow] if m == 4 * p else [],
+        id=f"{type(schedule).__name__}-p{p}-m{m}",
+    )
     for p in (2, 4)
     for m in (p, 2 * p, 4 * p)
     for schedule, v in ((GPipe(), 1), (OneFOneB(), 1), (Interleaved1F1B(2), 2))
@@ -64,14 +73,14 @@ def test_schedules_match_the_unpipelined_model(p, m, schedule, v):
 
 
 def test_interleaved_on_four_stages():
-    (loss, grads), (want_loss, want_grads) = run(dict(pipeline=4), Interleaved1F1B(2), 8,
-                                                 virtual=2)
+    (loss, grads), (want_loss, want_grads) = run(dict(pipeline=4), Interleaved1F1B(2), 8, virtual=2)
     assert_trees_close(loss, want_loss)
     assert_trees_close(grads, want_grads)
 
 
-@pytest.mark.parametrize("schedule,v", [(OneFOneB(), 1), (Interleaved1F1B(2), 2)],
-                         ids=["1f1b", "interleaved"])
+@pytest.mark.parametrize(
+    "schedule,v", [(OneFOneB(), 1), (Interleaved1F1B(2), 2)], ids=["1f1b", "interleaved"]
+)
 def test_three_dimensional_mesh(schedule, v):
     (loss, grads), (want_loss, want_grads) = run(
         dict(data=2, tensor=2, pipeline=2), schedule, 4, virtual=v
@@ -109,15 +118,19 @@ def test_bad_arguments():
     mesh = ep.make_mesh(pipeline=4, devices=jax.devices()[:4])
     x, y = data()
     bad_stages = ep.filter_shard_map(
-        lambda mod, x, y: mod.loss(x, y, microbatches=4), mesh=mesh,
-        in_specs=(P(), P(), P()), out_specs=P(),
+        lambda mod, x, y: mod.loss(x, y, microbatches=4),
+        mesh=mesh,
+        in_specs=(P(), P(), P()),
+        out_specs=P(),
     )
     with pytest.raises(ValueError, match="the schedule has 2 stages but mesh axis 'pipeline'"):
         bad_stages(model, x, y)
     mesh = ep.make_mesh(pipeline=2, devices=jax.devices()[:2])
     odd = ep.filter_shard_map(
-        lambda mod, x, y: mod.loss(x, y, microbatches=5), mesh=mesh,
-        in_specs=(None, P(), P()), out_specs=P(),
+        lambda mod, x, y: mod.loss(x, y, microbatches=5),
+        mesh=mesh,
+        in_specs=(None, P(), P()),
+        out_specs=P(),
     )
     with pytest.raises(ValueError, match="does not split into 5 microbatches"):
         odd(ep.shard(model, mesh), x, y)
@@ -137,8 +150,11 @@ def tokens():
     "changes,sizes,m",
     [
         (dict(pipeline_stages=2), dict(data=2, tensor=2, pipeline=2), 2),
-        (dict(pipeline_stages=2, virtual_stages=2, sequence_parallel=True, tie_embeddings=True),
-         dict(tensor=2, pipeline=2), 4),
+        (
+            dict(pipeline_stages=2, virtual_stages=2, sequence_parallel=True, tie_embeddings=True),
+            dict(tensor=2, pipeline=2),
+            4,
+        ),
     ],
     ids=["3d-1f1b", "interleaved-sp-tied"],
 )
@@ -152,7 +168,9 @@ def test_transformer_on_pipeline_meshes(changes, sizes, m):
     mesh = ep.make_mesh(**sizes, devices=jax.devices()[:n])
     loss = ep.filter_shard_map(
         lambda mod, a, b: jax.lax.pmean(mod.loss(a, b, microbatches=m), "data"),
-        mesh=mesh, in_specs=(None, P("data"), P("data")), out_specs=P(),
+        mesh=mesh,
+        in_specs=(None, P("data"), P("data")),
+        out_specs=P(),
     )
     got_loss, got = eqx.filter_jit(eqx.filter_value_and_grad(loss))(ep.shard(model, mesh), x, y)
     want_loss, want = eqx.filter_value_and_grad(lambda mod: mod.loss(x, y))(model)
@@ -168,11 +186,19 @@ def test_transformer_trains_with_fsdp_and_pipeline():
     config = TRANSFORMER.replace(pipeline_stages=2)
     mesh = ep.make_mesh(data=2, tensor=2, pipeline=2)
     optimizer = optax.sgd(0.5, momentum=0.9)
-    state = ep.train.init_state(Transformer, config, key=jax.random.key(0), optimizer=optimizer,
-                                mesh=mesh, strategy=ep.train.Strategy("fsdp", min_shard_size=64))
+    state = ep.train.init_state(
+        Transformer,
+        config,
+        key=jax.random.key(0),
+        optimizer=optimizer,
+        mesh=mesh,
+        strategy=ep.train.Strategy("fsdp", min_shard_size=64),
+    )
     step = ep.train.make_train_step(
         lambda mod, a, b, key: mod.loss(a, b, schedule=GPipe(), microbatches=2),
-        optimizer, mesh=mesh, strategy=ep.train.Strategy("fsdp", min_shard_size=64),
+        optimizer,
+        mesh=mesh,
+        strategy=ep.train.Strategy("fsdp", min_shard_size=64),
     )
     x, y = tokens()
     state, metrics = step(state, x, y)
@@ -182,6 +208,7 @@ def test_transformer_trains_with_fsdp_and_pipeline():
     updates, _ = optimizer.update(grads, opt_state)
     want = eqx.apply_updates(model, updates)
     assert_trees_close(metrics["loss"], loss)
-    assert_trees_close(eqx.filter(state.model, eqx.is_array), eqx.filter(want, eqx.is_array),
-                       atol=2e-5)
+    assert_trees_close(
+        eqx.filter(state.model, eqx.is_array), eqx.filter(want, eqx.is_array), atol=2e-5
+    )
     assert "pipeline" in state.model.layers.mlp.up.weight.sharding.spec

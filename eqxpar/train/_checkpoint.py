@@ -66,8 +66,10 @@ class Checkpointer:
 
     def save(self, state: TrainState, extra: dict | None = None, *, force: bool = True) -> None:
         """Starts saving `state` (and a JSON-able `extra`, e.g. the data position) as step
-        `state.step`."""
+        `state.step`; does nothing if that step is already saved."""
         ocp = _ocp()
+        if int(state.step) in self._manager.all_steps():
+            return  # already saved (e.g. a run resumed at its last step)
         arrays = _to_storable(eqx.filter(state, eqx.is_array))
         # Global shapes, in flattening order: a restore into another layout needs them.
         shapes = [list(x.shape) for x in jax.tree.leaves(arrays)]
