@@ -53,8 +53,13 @@ def test_dp_classifier_runs(tmp_path):
     ],
 )
 def test_bad_flags_give_one_line_errors(flags, message):
+    assert_fails_with("train_classifier.py", flags, message)
+
+
+def assert_fails_with(script, flags, message):
+    """The script exits non-zero and its last stderr line contains `message`."""
     run = subprocess.run(
-        [sys.executable, str(EXAMPLES / "train_classifier.py"), "--steps", "1", *flags],
+        [sys.executable, str(EXAMPLES / script), "--steps", "1", *flags],
         capture_output=True,
         text=True,
         timeout=300,
@@ -170,11 +175,4 @@ def test_transformer_on_a_pipeline_mesh_with_fsdp(tmp_path):
     ],
 )
 def test_transformer_bad_flags(flags, message):
-    run = subprocess.run(
-        [sys.executable, str(EXAMPLES / "train_transformer.py"), "--steps", "1", *flags],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode != 0
-    assert message in run.stderr.strip().splitlines()[-1]
+    assert_fails_with("train_transformer.py", flags, message)
