@@ -87,7 +87,9 @@ def parse(text: str) -> list[tuple[Block, Block | None]]:
 
 
 def _pages() -> list[str]:
-    return sorted(p.name for p in DOCS.glob("*.md") if parse(p.read_text()))
+    pages = sorted(p.name for p in DOCS.glob("*.md") if parse(p.read_text()))
+    readme = DOCS.parent / "README.md"  # its example runs too
+    return pages + (["../README.md"] if parse(readme.read_text()) else [])
 
 
 def test_tutorials_have_code():
