@@ -42,11 +42,11 @@ def base_parser(description: str) -> argparse.ArgumentParser:
         "--devices",
         type=int,
         default=8,
-        help="simulate this many CPU devices (default 8; ignored on GPU/TPU)",
+        help="simulate this many CPU devices (default 8; set JAX_PLATFORMS=cuda or tpu to use accelerators instead)",
     )
     p.add_argument("--steps", type=_positive, default=300, help="training steps")
     p.add_argument("--batch-size", type=_positive, default=128, help="global batch size")
-    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (Adam or AdamW)")
     p.add_argument("--seed", type=int, default=0, help="seed for init and data order")
     p.add_argument(
         "--out",
