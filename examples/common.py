@@ -42,7 +42,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
         "--devices",
         type=int,
         default=8,
-        help="simulate this many CPU devices (default 8; set JAX_PLATFORMS=cuda or tpu to use accelerators instead)",
+        help="simulate this many CPU devices (default 8; with JAX_PLATFORMS=cuda or tpu "
+        "the accelerators are used instead)",
     )
     p.add_argument("--steps", type=_positive, default=300, help="training steps")
     p.add_argument("--batch-size", type=_positive, default=128, help="global batch size")
