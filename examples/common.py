@@ -23,6 +23,36 @@ def parse_mesh(text: str) -> dict[str, int]:
     return sizes
 
 
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
+
+
+def pipeline_schedule(name: str, virtual: int):
+    """The `eqxpar.pipeline` schedule named by `--schedule`."""
+    from eqxpar.pipeline import GPipe, Interleaved1F1B, OneFOneB
+
+    if name == "interleaved":
+        return Interleaved1F1B(virtual)
+    return GPipe() if name == "gpipe" else OneFOneB()
+
+
+def checkpointing(args, state, mesh, strategy):
+    """`(checkpointer or None, state, first batch index)` from the checkpoint flags."""
+    import sys
+
+    import eqxpar as ep
+
+    checkpointer = None
+    if args.checkpoint_dir is not None:
+        checkpointer = ep.train.Checkpointer(args.checkpoint_dir, keep=args.keep_checkpoints)
+    if not args.resume:
+        return checkpointer, state, 0
+    if checkpointer is None or checkpointer.latest_step() is None:
+        sys.exit(f"--resume: no checkpoint in --checkpoint-dir={args.checkpoint_dir}")
+    state, start = ep.train.resume(checkpointer, state, mesh=mesh, strategy=strategy)
+    print(f"resumed from step {int(state.step)} (batch {start})")
+    return checkpointer, state, start
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
@@ -49,6 +79,26 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=128, help="global batch size")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (Adam or AdamW)")
     p.add_argument("--seed", type=int, default=0, help="seed for init and data order")
+    p.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="1f1b",
+        help="pipeline schedule when the mesh has pipeline > 1 (default 1f1b)",
+    )
+    p.add_argument(
+        "--microbatches",
+        type=_positive,
+        default=None,
+        help="pipeline microbatches per data shard (default: 2 x pipeline size)",
+    )
+    p.add_argument("--checkpoint-dir", type=Path, default=None, help="save Orbax checkpoints here")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
+    p.add_argument("--keep-checkpoints", type=int, default=3, help="newest checkpoints kept")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in --checkpoint-dir (any mesh)",
+    )
     p.add_argument(
         "--out",
         type=Path,

@@ -14,16 +14,17 @@ import argparse
 import sys
 import time
 
-from common import base_parser, start_devices
+from common import base_parser, checkpointing, pipeline_schedule, start_devices
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument(
         "--strategy",
-        choices=("dp", "tp"),
+        choices=("dp", "tp", "pp"),
         default="tp",
-        help="dp: replicated model; tp: tensor-parallel blocks (default)",
+        help="dp: replicated SimpleClassifier; tp: TPClassifier (default); "
+        "pp: PPClassifier on a pipeline mesh (--schedule, --microbatches)",
     )
     p.add_argument("--width", type=int, default=64, help="residual width")
     p.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps")
@@ -44,17 +45,31 @@ def main(argv: list[str] | None = None) -> float:
     from sklearn.model_selection import train_test_split
 
     import eqxpar as ep
-    from models import SimpleClassifier, TPClassifier
+    from models import PPClassifier, SimpleClassifier, TPClassifier
 
     n = len(jax.devices())
-    sizes = args.mesh or (
-        {"data": n} if args.strategy == "dp" else {"data": max(1, n // 4), "tensor": min(4, n)}
-    )
+    defaults = {
+        "dp": {"data": n},
+        "tp": {"data": max(1, n // 4), "tensor": min(4, n)},
+        "pp": {"data": max(1, n // 4), "tensor": 2 if n >= 4 else 1, "pipeline": 2}
+        if n >= 2
+        else {"data": 1},
+    }
+    sizes = args.mesh or defaults[args.strategy]
     try:
         mesh = ep.make_mesh(**sizes)
     except ValueError as e:
         sys.exit(f"--mesh: {e}")
-    data_size = mesh.shape["data"]
+    data_size, stages = mesh.shape["data"], mesh.shape["pipeline"]
+    if stages > 1 and args.strategy != "pp":
+        sys.exit(f"--mesh: pipeline={stages} needs --strategy pp")
+    virtual = 2 if args.schedule == "interleaved" and stages > 1 else 1
+    micro = args.microbatches or 2 * stages
+    if stages > 1 and (args.batch_size // data_size) % micro:
+        sys.exit(
+            f"--microbatches: {micro} does not divide the per-data-shard batch of "
+            f"{args.batch_size // data_size}; choose a divisor or change --batch-size"
+        )
     if args.batch_size % data_size:
         sys.exit(
             f"--batch-size: {args.batch_size} does not split over data={data_size}; "
@@ -72,12 +87,20 @@ def main(argv: list[str] | None = None) -> float:
     )
     if args.strategy == "dp":
         make = lambda k: SimpleClassifier(64, 10, width=args.width, key=k)  # noqa: E731
-    else:
+    elif args.strategy == "tp":
         make = lambda k: TPClassifier(64, 10, width=args.width, key=k)  # noqa: E731
+    else:
+        depth = 2 * stages * virtual
+        make = lambda k: PPClassifier(  # noqa: E731
+            64, 10, width=args.width, depth=depth, stages=stages, virtual=virtual, key=k
+        )
     optim = optax.adam(args.lr)
     state = ep.train.init_state(make, jax.random.key(args.seed), optimizer=optim, mesh=mesh)
+    schedule = pipeline_schedule(args.schedule, virtual) if stages > 1 else None
 
     def loss_fn(model, x, y, key):
+        if schedule is not None:
+            return model.loss(x, y, schedule=schedule, microbatches=micro)
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(model(x), y))
 
     train_step = ep.train.make_train_step(loss_fn, optim, mesh=mesh)
@@ -85,9 +108,12 @@ def main(argv: list[str] | None = None) -> float:
 
     @eqx.filter_jit
     def evaluate(model, x, y):
-        logits = ep.filter_shard_map(
-            lambda m, x: m(x), mesh=mesh, in_specs=(None, P("data")), out_specs=P("data")
-        )(model, x)
+        if stages > 1:  # every layer in order: XLA gathers the pipeline stages
+            logits = model(x)
+        else:
+            logits = ep.filter_shard_map(
+                lambda m, x: m(x), mesh=mesh, in_specs=(None, P("data")), out_specs=P("data")
+            )(model, x)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         return jnp.mean(losses), jnp.mean(jnp.argmax(logits, -1) == y)
 
@@ -109,7 +135,8 @@ def main(argv: list[str] | None = None) -> float:
         f"{len(x_train)} train / {len(x_test)} test digits"
     )
     out = args.out / f"classifier-{args.strategy}"
-    if (out / "metrics.jsonl").exists():
+    checkpointer, state, first = checkpointing(args, state, mesh, "dp")
+    if first == 0 and (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()
     start = time.perf_counter()
     state, rows = ep.train.fit(
@@ -117,6 +144,9 @@ def main(argv: list[str] | None = None) -> float:
         state,
         batch_fn,
         steps=args.steps,
+        start=first,
+        checkpointer=checkpointer,
+        checkpoint_every=args.checkpoint_every,
         eval_fn=eval_fn,
         eval_every=args.eval_every,
         metrics_path=out / "metrics.jsonl",

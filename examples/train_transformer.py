@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import base_parser, start_devices
+from common import base_parser, checkpointing, pipeline_schedule, start_devices
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,37 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="how the data axis shares model states (default dp)",
     )
     p.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clip")
-    p.add_argument(
-        "--schedule",
-        choices=SCHEDULES,
-        default="1f1b",
-        help="pipeline schedule when the mesh has pipeline > 1 (default 1f1b)",
-    )
-    p.add_argument(
-        "--microbatches",
-        type=int,
-        default=None,
-        help="pipeline microbatches per data shard (default: 2 x pipeline size)",
-    )
     p.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps")
     p.add_argument("--sample-tokens", type=int, default=200, help="bytes to generate")
-    p.add_argument(
-        "--checkpoint-dir",
-        type=Path,
-        default=None,
-        help="save Orbax checkpoints here (and on Ctrl-C)",
-    )
-    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
-    p.add_argument("--keep-checkpoints", type=int, default=3, help="newest checkpoints kept")
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the newest checkpoint in --checkpoint-dir (any mesh)",
-    )
     return p.parse_args(argv)
-
-
-SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
 
 def load_corpus(path: Path | None) -> bytes:
@@ -192,10 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     batch, seq = args.batch_size, args.seq_len
 
-    from eqxpar.pipeline import GPipe, Interleaved1F1B, OneFOneB
-
-    pipe = {"gpipe": GPipe, "1f1b": OneFOneB, "interleaved": lambda: Interleaved1F1B(virtual)}
-    pipe_schedule = pipe[args.schedule]() if stages > 1 else None
+    pipe_schedule = pipeline_schedule(args.schedule, virtual) if stages > 1 else None
 
     def loss_fn(model, x, y, key):  # this data shard's mean; key: per step and shard
         if stages > 1:
@@ -234,15 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"unigram baseline {baseline:.3f} nats/byte"
     )
     out = args.out / "transformer"
-    checkpointer = start = None
-    if args.checkpoint_dir is not None:
-        checkpointer = ep.train.Checkpointer(args.checkpoint_dir, keep=args.keep_checkpoints)
-    if args.resume:
-        if checkpointer is None or checkpointer.latest_step() is None:
-            sys.exit(f"--resume: no checkpoint in --checkpoint-dir={args.checkpoint_dir}")
-        state, start = ep.train.resume(checkpointer, state, mesh=mesh, strategy=args.strategy)
-        print(f"resumed from step {int(state.step)} (batch {start})")
-    elif (out / "metrics.jsonl").exists():
+    checkpointer, state, start = checkpointing(args, state, mesh, args.strategy)
+    if start == 0 and (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()
     begin = time.perf_counter()
     try:
@@ -251,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
             state,
             batch_fn,
             steps=args.steps,
-            start=start or 0,
+            start=start,
             eval_fn=lambda st: {"loss": evaluate(st.model, eval_x, eval_y)},
             eval_every=args.eval_every,
             checkpointer=checkpointer,

@@ -36,6 +36,26 @@ def test_tp_classifier_learns_digits(tmp_path):
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_pp_classifier_trains_on_a_pipeline_mesh(tmp_path):
+    import train_classifier
+
+    acc = train_classifier.main(
+        [
+            "--strategy",
+            "pp",
+            "--mesh",
+            "data=2,tensor=2,pipeline=2",
+            "--schedule",
+            "interleaved",
+            "--steps",
+            "100",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert acc > 0.9
+
+
 def test_dp_classifier_runs(tmp_path):
     import train_classifier
 
@@ -50,6 +70,7 @@ def test_dp_classifier_runs(tmp_path):
         (["--mesh", "dta=2"], "--mesh: bad entry 'dta=2'"),
         (["--batch-size", "129"], "--batch-size: 129 does not split over data=2"),
         (["--strategy", "zero"], "--strategy: invalid choice: 'zero'"),
+        (["--mesh", "pipeline=2,data=4"], "--mesh: pipeline=2 needs --strategy pp"),
     ],
 )
 def test_bad_flags_give_one_line_errors(flags, message):
