@@ -35,6 +35,26 @@ def pipeline_schedule(name: str, virtual: int):
     return GPipe() if name == "gpipe" else OneFOneB()
 
 
+def batch_layout(args, data_size: int, stages: int) -> tuple[int, int]:
+    """`(virtual stages, microbatches)` from the flags; one-line errors for a batch that
+    does not split over the data axis or into the microbatches."""
+    import sys
+
+    if args.batch_size % data_size:
+        sys.exit(
+            f"--batch-size: {args.batch_size} does not split over data={data_size}; "
+            f"use a multiple of {data_size}"
+        )
+    virtual = 2 if args.schedule == "interleaved" and stages > 1 else 1
+    micro = args.microbatches or 2 * stages
+    if stages > 1 and (args.batch_size // data_size) % micro:
+        sys.exit(
+            f"--microbatches: {micro} does not divide the per-data-shard batch of "
+            f"{args.batch_size // data_size}; choose a divisor or change --batch-size"
+        )
+    return virtual, micro
+
+
 def checkpointing(args, state, mesh, strategy):
     """`(checkpointer or None, state, first batch index)` from the checkpoint flags."""
     import sys

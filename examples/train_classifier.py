@@ -14,7 +14,13 @@ import argparse
 import sys
 import time
 
-from common import base_parser, checkpointing, pipeline_schedule, start_devices
+from common import (
+    base_parser,
+    batch_layout,
+    checkpointing,
+    pipeline_schedule,
+    start_devices,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,18 +69,7 @@ def main(argv: list[str] | None = None) -> float:
     data_size, stages = mesh.shape["data"], mesh.shape["pipeline"]
     if stages > 1 and args.strategy != "pp":
         sys.exit(f"--mesh: pipeline={stages} needs --strategy pp")
-    virtual = 2 if args.schedule == "interleaved" and stages > 1 else 1
-    micro = args.microbatches or 2 * stages
-    if stages > 1 and (args.batch_size // data_size) % micro:
-        sys.exit(
-            f"--microbatches: {micro} does not divide the per-data-shard batch of "
-            f"{args.batch_size // data_size}; choose a divisor or change --batch-size"
-        )
-    if args.batch_size % data_size:
-        sys.exit(
-            f"--batch-size: {args.batch_size} does not split over data={data_size}; "
-            f"use a multiple of {data_size}"
-        )
+    virtual, micro = batch_layout(args, data_size, stages)
 
     digits = load_digits()
     x = (digits.data / 16.0).astype(np.float32)

@@ -17,7 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-from common import base_parser, checkpointing, pipeline_schedule, start_devices
+from common import (
+    base_parser,
+    batch_layout,
+    checkpointing,
+    pipeline_schedule,
+    start_devices,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -104,20 +110,9 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as e:
         sys.exit(f"--mesh: {e}")
     data_size, tensor, stages = mesh.shape["data"], mesh.shape["tensor"], mesh.shape["pipeline"]
-    virtual = 2 if args.schedule == "interleaved" and stages > 1 else 1
-    micro = args.microbatches or 2 * stages
     if stages > 1 and args.dropout:
         sys.exit("--dropout: not supported on pipeline meshes yet; drop it or use pipeline=1")
-    if stages > 1 and (args.batch_size // data_size) % micro:
-        sys.exit(
-            f"--microbatches: {micro} does not divide the per-data-shard batch of "
-            f"{args.batch_size // data_size}; choose a divisor or change --batch-size"
-        )
-    if args.batch_size % data_size:
-        sys.exit(
-            f"--batch-size: {args.batch_size} does not split over data={data_size}; "
-            f"use a multiple of {data_size}"
-        )
+    virtual, micro = batch_layout(args, data_size, stages)
     if args.sequence_parallel and args.seq_len % tensor:
         sys.exit(
             f"--seq-len: {args.seq_len} does not split over tensor={tensor} for "
