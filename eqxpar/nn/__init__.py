@@ -14,3 +14,5 @@ from ._loss import vocab_parallel_cross_entropy as vocab_parallel_cross_entropy
 from ._mlp import ParallelMLP as ParallelMLP
 from ._norm import LayerNorm as LayerNorm
 from ._norm import RMSNorm as RMSNorm
+from ._common import local_param as local_param
+from ._common import regather_in_backward as regather_in_backward

@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from .._collectives import axis_size, shard_count
 from .._mesh import DATA, describe_mesh
@@ -90,6 +91,7 @@ def local_param(layer: str, name: str, array: jax.Array, expected: tuple[int, ..
         for dim, (have, want) in enumerate(zip(shape, expected, strict=True)):
             if have != want and have * n == want:
                 array = jax.lax.all_gather(array, axis, axis=dim, tiled=True)
+                array = checkpoint_name(array, FSDP_GATHERED)
                 break
     for dim, (have, want) in enumerate(zip(array.shape, expected, strict=True)):
         if have != want:
@@ -100,6 +102,30 @@ def local_param(layer: str, name: str, array: jax.Array, expected: tuple[int, ..
                 f"eqxpar.partition_specs(module))."
             )
     return array
+
+
+FSDP_GATHERED = "eqxpar.fsdp_gathered"
+"""The `checkpoint_name` of every FSDP all-gather's result, for remat policies."""
+
+
+def regather_in_backward(
+    fn: Callable[..., Any], param: jax.Array, expected: tuple[int, ...], *args: Any
+) -> Any:
+    """`fn(param, *args)`, without keeping an FSDP-gathered `param` for the backward pass.
+
+    When `param` arrives split over the FSDP axis (its shape is not `expected`), `fn` runs
+    under `jax.checkpoint` saving only its inputs, so the backward pass all-gathers the
+    weight again from the shard — ZeRO-3's second gather — instead of holding every
+    layer's whole weights from the forward pass to the backward pass. For a linear
+    layer nothing else is recomputed but what the backward needs (the weight; with
+    sequence parallelism also the gathered input, as Megatron does). Otherwise it is
+    just `fn(param, *args)`.
+    """
+    axis = _FSDP_AXIS.get()
+    if tuple(param.shape) == tuple(expected) or axis is None or axis_size(axis) is None:
+        return fn(param, *args)
+    policy = jax.checkpoint_policies.nothing_saveable
+    return jax.checkpoint(fn, policy=policy, prevent_cse=False)(param, *args)
 
 
 def tp_block(size: int, axis: Any) -> int:

@@ -18,7 +18,7 @@ from .._collectives import (
 )
 from .._sharding import sharded
 from .._typecheck import typechecked
-from ._common import check_divisible, default_float, local_param, tp_block
+from ._common import check_divisible, default_float, local_param, regather_in_backward, tp_block
 from ._linear import CollectiveMatmul, column_parallel_matmul
 
 
@@ -130,12 +130,18 @@ class VocabParallelEmbedding(eqx.Module):
         Per-shard logits `(*batch, num_embeddings / t)`.
         """
         with jax.named_scope("eqxpar.VocabParallelEmbedding.attend"):
-            return column_parallel_matmul(
+            block = (tp_block(self.num_embeddings, self.axis_name), self.embedding_dim)
+            return regather_in_backward(
+                lambda w, x: column_parallel_matmul(
+                    x,
+                    local_param("VocabParallelEmbedding", "weight", w, block),
+                    axis_name=self.axis_name,
+                    sequence_parallel=self.sequence_parallel,
+                    collective_matmul=collective_matmul,
+                ),
+                self.weight,
+                block,
                 x,
-                self._table(),
-                axis_name=self.axis_name,
-                sequence_parallel=self.sequence_parallel,
-                collective_matmul=collective_matmul,
             )
 
 

@@ -26,6 +26,7 @@ from ._common import (
     check_divisible,
     default_float,
     local_param,
+    regather_in_backward,
     tp_block,
     uniform_init,
 )
@@ -175,13 +176,18 @@ class ColumnParallelLinear(eqx.Module):
             axis = self.axis_name
             check_shard(name, "in_features", x.shape[-1], self.in_features, axis, 1)
             out = tp_block(self.out_features, axis)
-            weight = local_param(name, "weight", self.weight, (out, self.in_features))
-            y = column_parallel_matmul(
+            block = (out, self.in_features)
+            y = regather_in_backward(
+                lambda w, x: column_parallel_matmul(
+                    x,
+                    local_param(name, "weight", w, block),
+                    axis_name=axis,
+                    sequence_parallel=self.sequence_parallel,
+                    collective_matmul=self.collective_matmul,
+                ),
+                self.weight,
+                block,
                 x,
-                weight,
-                axis_name=axis,
-                sequence_parallel=self.sequence_parallel,
-                collective_matmul=self.collective_matmul,
             )
             if self.bias is not None:
                 y = y + _rowvec(local_param(name, "bias", self.bias, (out,)), y.ndim)
@@ -280,7 +286,6 @@ class RowParallelLinear(eqx.Module):
             parts = shard_count(axis)
             check_shard(name, "in_shard", x.shape[-1], self.in_features, axis, parts)
             block = (self.out_features, tp_block(self.in_features, axis))
-            weight = local_param(name, "weight", self.weight, block)
             if self.sequence_parallel and x.ndim < 2:
                 raise ValueError(f"{name}: sequence_parallel needs (*batch, seq, in) input.")
             if self.sequence_parallel and x.shape[-2] % parts:
@@ -288,12 +293,18 @@ class RowParallelLinear(eqx.Module):
                     f"{name}: sequence length {x.shape[-2]} does not split {parts} ways "
                     f"over {axis!r}; make it a multiple of {parts}."
                 )
-            if self.collective_matmul is not None:
-                y = matmul_reduce_scatter(x, weight, axis, dim=-2, direction=self.collective_matmul)
-            elif self.sequence_parallel:
-                y = reduce_scatter_to_sequence(x @ weight.T, axis, dim=-2)
-            else:
-                y = reduce_from_region(x @ weight.T, axis)
+
+            def matmul(w: Array, x: Array) -> Array:
+                weight = local_param(name, "weight", w, block)
+                if self.collective_matmul is not None:
+                    return matmul_reduce_scatter(
+                        x, weight, axis, dim=-2, direction=self.collective_matmul
+                    )
+                if self.sequence_parallel:
+                    return reduce_scatter_to_sequence(x @ weight.T, axis, dim=-2)
+                return reduce_from_region(x @ weight.T, axis)
+
+            y = regather_in_backward(matmul, self.weight, block, x)
             if self.bias is not None:
                 # Under SP each device adds the bias to its own sequence block, so the
                 # bias gradient must be summed over the blocks: Megatron's f.
