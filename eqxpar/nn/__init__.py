@@ -3,6 +3,8 @@
 from ._attention import KVCache as KVCache
 from ._attention import ParallelAttention as ParallelAttention
 from ._attention import rotary as rotary
+from ._common import local_param as local_param
+from ._common import regather_in_backward as regather_in_backward
 from ._dropout import indexed_dropout as indexed_dropout
 from ._embedding import ParallelEmbedding as ParallelEmbedding
 from ._embedding import VocabParallelEmbedding as VocabParallelEmbedding
@@ -14,5 +16,3 @@ from ._loss import vocab_parallel_cross_entropy as vocab_parallel_cross_entropy
 from ._mlp import ParallelMLP as ParallelMLP
 from ._norm import LayerNorm as LayerNorm
 from ._norm import RMSNorm as RMSNorm
-from ._common import local_param as local_param
-from ._common import regather_in_backward as regather_in_backward
