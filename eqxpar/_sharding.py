@@ -19,7 +19,7 @@ import dataclasses
 import difflib
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import equinox as eqx
@@ -313,14 +313,3 @@ def sharded_init(make: Callable[..., T], /, *args: Any, mesh: Any, **kwargs: Any
 
     dyn_out = jax.jit(build, out_shardings=shardings)(dyn_in)
     return eqx.combine(dyn_out, static_out)
-
-
-def mesh_axis_size(mesh: Any, entry: AxisName) -> int:
-    """The number of shards a spec entry (`None`, an axis, or a tuple) makes on `mesh`."""
-    sizes = dict(mesh.shape)
-    return math.prod(sizes[a] for a in _axes_of(entry))
-
-
-def spec_axes(specs: Sequence[Any]) -> set[str]:
-    """All mesh axis names used in a sequence of `PartitionSpec`s."""
-    return {a for spec in specs if isinstance(spec, P) for e in spec for a in _axes_of(e)}

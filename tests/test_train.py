@@ -63,17 +63,7 @@ CASES = [
     "kind,sizes,config", CASES, ids=[f"{k}-" + "x".join(map(str, s.values())) for k, s, _ in CASES]
 )
 def test_matches_single_device_training(batches, reference_run, kind, sizes, config):
-    mesh = ep.make_mesh(**sizes)
-    strategy = Strategy(kind, min_shard_size=256)
-    state = init_state(
-        Transformer,
-        config,
-        key=jax.random.key(0),
-        optimizer=OPTIMIZER,
-        mesh=mesh,
-        strategy=strategy,
-    )
-    step = make_train_step(loss_fn, OPTIMIZER, mesh=mesh, strategy=strategy)
+    state, step = _state_and_step(kind, ep.make_mesh(**sizes), config)
     for i, (x, y) in enumerate(batches):
         state, metrics = step(state, x, y)
         want_model, want_losses = reference_run.get(i + 1, (None, None))
@@ -134,7 +124,7 @@ def test_loss_scaling_skips_nonfinite_steps(batches):
     assert_trees_close(eqx.filter(same.model, eqx.is_array), eqx.filter(state.model, eqx.is_array))
 
 
-def _compiled_step(kind, mesh, config=CONFIG):
+def _state_and_step(kind, mesh, config=CONFIG):
     strategy = Strategy(kind, min_shard_size=256)
     state = init_state(
         Transformer,
@@ -144,7 +134,11 @@ def _compiled_step(kind, mesh, config=CONFIG):
         mesh=mesh,
         strategy=strategy,
     )
-    step = make_train_step(loss_fn, OPTIMIZER, mesh=mesh, strategy=strategy)
+    return state, make_train_step(loss_fn, OPTIMIZER, mesh=mesh, strategy=strategy)
+
+
+def _compiled_step(kind, mesh, config=CONFIG):
+    state, step = _state_and_step(kind, mesh, config)
     x = jnp.zeros((BATCH, SEQ), jnp.int32)
     return state, step.lower(state, x, x).compile()
 
