@@ -1,6 +1,10 @@
 """The fit loop and Orbax checkpoints: resuming loses nothing, on the same mesh or
-another; a crash mid-save keeps the last good checkpoint; NaN and Ctrl-C guards."""
+another; a crash mid-save keeps the last good checkpoint; a damaged one says so, and
+resuming can fall back past it; NaN and Ctrl-C guards; progress lines off a terminal."""
 
+import pathlib
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,7 +18,7 @@ import pytest
 from helpers import assert_trees_close
 
 import eqxpar as ep
-from eqxpar.train import Checkpointer, fit, init_state, make_train_step, resume
+from eqxpar.train import Checkpointer, CheckpointError, fit, init_state, make_train_step, resume
 from models import Transformer, TransformerConfig
 
 CONFIG = TransformerConfig(
@@ -170,3 +174,126 @@ def test_ctrl_c_saves_and_stops(data8, tmp_path):
     assert start == 2
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.fixture(scope="module")
+def saved(data8, tmp_path_factory):
+    """A directory with the checkpoints of steps 3 and 6 of the uninterrupted run."""
+    state, step = data8
+    directory = tmp_path_factory.mktemp("saved") / "run"
+    ckpt = Checkpointer(directory, keep=2)
+    fit(step, state, batch_fn, steps=6, checkpointer=ckpt, checkpoint_every=3, progress=False)
+    assert ckpt.all_steps() == [3, 6]
+    ckpt.close()
+    return directory
+
+
+def copy_of(saved, tmp_path):
+    return pathlib.Path(shutil.copytree(saved, tmp_path / "run"))
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def overwrite(path):
+    path.write_bytes(b"\x5a" * path.stat().st_size)
+
+
+def chunk_files(step_dir):
+    """The files of the OCDBT store that hold the array chunks (not its index)."""
+    files = sorted(p for p in (step_dir / "state").glob("ocdbt.process_*/d/*") if p.is_file())
+    assert files, sorted(str(p) for p in step_dir.rglob("*"))
+    return files
+
+
+@pytest.mark.parametrize(
+    "name, damage", [("extra/metadata", truncate), ("state/_METADATA", overwrite)]
+)
+def test_damaged_metadata_is_a_checkpoint_error(data8, saved, tmp_path, name, damage):
+    state, _ = data8
+    directory = copy_of(saved, tmp_path)
+    damage(directory / "6" / name)
+    mesh = ep.make_mesh(data=8)
+    with pytest.raises(CheckpointError) as err:
+        Checkpointer(directory).restore(state, mesh=mesh, strategy="zero2")
+    message = str(err.value)
+    assert message.startswith(
+        f"checkpoint step 6 at {directory / '6'} is damaged: its metadata cannot be read "
+        f"(JSONDecodeError: "
+    ), message
+    assert message.endswith(
+        "Restore an older checkpoint with restore(..., step=3) (complete steps: [3, 6]), or "
+        "call resume(..., fallback=True) to fall back to the newest readable one."
+    ), message
+    assert (err.value.step, err.value.path, err.value.part) == (6, str(directory / "6"), "metadata")
+    # Without fallback, resume lets the error through; with it, but nothing readable, too.
+    with pytest.raises(CheckpointError, match="checkpoint step 6 at "):
+        resume(Checkpointer(directory), state, mesh=mesh, strategy="zero2")
+    damage(directory / "3" / name)
+    with pytest.raises(CheckpointError, match=r"no readable checkpoint in .*: all 2 are damaged"):
+        resume(Checkpointer(directory), state, mesh=mesh, strategy="zero2", fallback=True)
+
+
+@pytest.mark.parametrize("damage", [truncate, overwrite])
+def test_damaged_array_data_is_a_checkpoint_error(data8, saved, tmp_path, damage):
+    state, _ = data8
+    directory = copy_of(saved, tmp_path)
+    for path in chunk_files(directory / "6"):
+        damage(path)
+    with pytest.raises(CheckpointError) as err:
+        Checkpointer(directory).restore(state, mesh=ep.make_mesh(data=8), strategy="zero2")
+    message = str(err.value)
+    assert message.startswith(
+        f"checkpoint step 6 at {directory / '6'} is damaged: its array data cannot be read ("
+    ), message
+    assert "OCDBT database" in message and "tensorstore_spec" not in message
+    assert message.endswith(
+        "or call resume(..., fallback=True) to fall back to the newest readable one."
+    )
+    assert (err.value.step, err.value.part) == (6, "array data")
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint(data8, uninterrupted, saved, tmp_path, capsys):
+    state, step = data8
+    directory = copy_of(saved, tmp_path)
+    for path in chunk_files(directory / "6"):
+        truncate(path)
+    ckpt = Checkpointer(directory, keep=2)
+    restored, start = resume(
+        ckpt, state, mesh=ep.make_mesh(data=8), strategy="zero2", fallback=True
+    )
+    assert start == 3 and int(restored.step) == 3
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(
+        "skipping damaged checkpoint step 6: its array data cannot be read ("
+    ), lines[0]
+    assert f'OCDBT database at local file "{directory / "6"}' in lines[0], lines[0]
+    assert lines[1] == "restored checkpoint step 3 (skipped damaged step 6)"
+    _, rows = fit(step, restored, batch_fn, steps=6, start=start, checkpointer=ckpt, progress=False)
+    want_final, want_losses = uninterrupted
+    np.testing.assert_allclose([r["loss"] for r in rows], want_losses[3:], rtol=1e-6)
+    # The save at step 6 replaced the damaged checkpoint: it restores without fallback.
+    again, start = resume(
+        Checkpointer(directory), state, mesh=ep.make_mesh(data=8), strategy="zero2"
+    )
+    assert start == 6
+    assert_trees_close(
+        eqx.filter(again, eqx.is_array), eqx.filter(want_final, eqx.is_array), rtol=1e-6, atol=1e-7
+    )
+
+
+def test_progress_off_a_terminal_is_plain_lines(data8, capfd):
+    state, step = data8
+    line = re.compile(r"step (\d)/6  loss \d+\.\d{4}  [\d,]+ items/s  \d+ ms/step")
+    fit(step, state, batch_fn, steps=6, progress_every=4, items_per_step=64)
+    out, err = capfd.readouterr()
+    assert "\r" not in out + err
+    assert [line.fullmatch(ln)[1] for ln in out.splitlines()] == ["4", "6"], out
+    # By default a tenth of the steps run (here, every step), from where it starts.
+    fit(step, state, batch_fn, start=3, steps=6, items_per_step=64)
+    out, err = capfd.readouterr()
+    assert "\r" not in out + err
+    assert [line.fullmatch(ln)[1] for ln in out.splitlines()] == ["4", "5", "6"], out

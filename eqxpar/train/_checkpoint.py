@@ -3,7 +3,9 @@ restorable onto a different mesh."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from typing import Any
 
 import equinox as eqx
@@ -38,6 +40,29 @@ def _to_storable(tree: Any) -> Any:
     )
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that is on disk but cannot be read: its metadata or its array data
+    is damaged (truncated, overwritten, or a file missing).
+
+    The message names the step, its directory, the part that is unreadable and why,
+    and ends with the fix. The same facts are attributes: `step`, `path`, `part`
+    (`"metadata"` or `"array data"`) and `reason`; the underlying error is the
+    `__cause__`.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        step: int | None = None,
+        path: str | None = None,
+        part: str | None = None,
+        reason: str | None = None,
+    ):
+        super().__init__(message)
+        self.step, self.path, self.part, self.reason = step, path, part, reason
+
+
 class Checkpointer:
     """Saves and restores `TrainState`s with Orbax's `CheckpointManager`.
 
@@ -46,6 +71,10 @@ class Checkpointer:
     renamed when complete, so a crash mid-save leaves the previous checkpoint intact:
     `latest_step()` and `restore()` only see finished ones. Only the newest `keep`
     checkpoints are kept.
+
+    A finished checkpoint damaged later (a truncated or overwritten file) makes
+    `restore()` raise a `CheckpointError`; `resume(..., fallback=True)` then goes back
+    to the newest readable one, and a later `save()` of the damaged step replaces it.
     """
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
@@ -63,13 +92,18 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "extra")
         )
+        self._damaged: set[int] = set()  # steps that `restore` found unreadable
 
     def save(self, state: TrainState, extra: dict | None = None, *, force: bool = True) -> None:
         """Starts saving `state` (and a JSON-able `extra`, e.g. the data position) as step
-        `state.step`; does nothing if that step is already saved."""
+        `state.step`; does nothing if that step is already saved, unless `restore` found
+        it damaged: then it is replaced."""
         ocp = _ocp()
         if int(state.step) in self._manager.all_steps():
-            return  # already saved (e.g. a run resumed at its last step)
+            if int(state.step) not in self._damaged:
+                return  # already saved (e.g. a run resumed at its last step)
+            self._manager.delete(int(state.step))
+            self._damaged.discard(int(state.step))
         arrays = _to_storable(eqx.filter(state, eqx.is_array))
         # Global shapes, in flattening order: a restore into another layout needs them.
         shapes = [list(x.shape) for x in jax.tree.leaves(arrays)]
@@ -91,7 +125,12 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        return list(self._manager.all_steps())
+        """The steps of the complete checkpoints, oldest first."""
+        return sorted(self._manager.all_steps())
+
+    def step_path(self, step: int) -> str:
+        """The directory of checkpoint `step`."""
+        return os.path.join(self.directory, str(step))
 
     def restore(
         self,
@@ -109,18 +148,49 @@ class Checkpointer:
         other. If a stored array's shape differs from the target's only by a reshape (a
         different pipeline layout of the same layers), it is read whole and reshaped.
 
+        **Arguments:**
+
+        - `like`: the target `TrainState` (arrays or `jax.ShapeDtypeStruct`s).
+        - `mesh`: the target mesh.
+        - `strategy`: the target strategy.
+        - `step`: the checkpoint to read; the newest by default.
+
         **Returns:**
 
-        `(state, extra)`.
+        `(state, extra)`: the state, with the shardings of `like` on `mesh`, and the
+        `extra` dict given to `save`.
+
+        **Raises:**
+
+        `CheckpointError` if the checkpoint's metadata or array data cannot be read (it
+        is damaged); `FileNotFoundError` if there is no such checkpoint; `ValueError` if
+        it holds another model or optimizer.
         """
         ocp = _ocp()
+        from etils import epath  # installed with orbax
+
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        if step not in self._manager.all_steps():
+            raise FileNotFoundError(
+                f"no complete checkpoint of step {step} in {self.directory}; the complete "
+                f"ones are steps {self.all_steps()}."
+            )
         specs = state_spec_tree(like, as_strategy(strategy), mesh)
         flat_specs = jax.tree.structure(like).flatten_up_to(specs)
         leaves = jax.tree.leaves(like)
-        extra = self._manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))
+        try:  # the small JSON files first: the `extra` item, then the state's tree
+            extra = self._manager.restore(
+                step, args=ocp.args.Composite(extra=ocp.args.JsonRestore())
+            )
+            handler = ocp.PyTreeCheckpointHandler()
+            try:
+                handler.metadata(epath.Path(self.step_path(step), "state"))
+            finally:
+                handler.close()
+        except Exception as e:  # anything that stops these reads is damage
+            raise self._damage(step, _unreadable_part(e) or "metadata", e) from e
         saved = dict(extra["extra"] or {})
         shapes = [tuple(s) for s in saved.get("shapes", [])]
         arrays = [(x, spec) for x, spec in zip(leaves, flat_specs, strict=True) if _is_arr(x)]
@@ -145,15 +215,21 @@ class Checkpointer:
         template = _to_storable(eqx.filter(like, _is_arr))
         treedef = jax.tree.structure(template)
         target_tree = jax.tree.unflatten(treedef, targets)
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    target_tree,
-                    restore_args=ocp.checkpoint_utils.construct_restore_args(target_tree),
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(
+                        target_tree,
+                        restore_args=ocp.checkpoint_utils.construct_restore_args(target_tree),
+                    ),
                 ),
-            ),
-        )
+            )
+        except Exception as e:
+            part = _unreadable_part(e)
+            if part is None:
+                raise  # not damage: e.g. a target tree that does not match the checkpoint's
+            raise self._damage(step, part, e) from e
         values = []
         for value, (x, _), reshape in zip(
             jax.tree.leaves(restored["state"]), arrays, reshapes, strict=True
@@ -171,6 +247,65 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+    def _damage(self, step: int, part: str, error: BaseException) -> CheckpointError:
+        """The `CheckpointError` for an unreadable `part` of checkpoint `step`."""
+        self._damaged.add(step)
+        path = self.step_path(step)
+        reason = _describe(_root_cause(error))
+        older = [s for s in self.all_steps() if s < step]
+        if older:
+            fix = (
+                f"Restore an older checkpoint with restore(..., step={older[-1]}) (complete "
+                f"steps: {self.all_steps()}), or call resume(..., fallback=True) to fall back "
+                f"to the newest readable one."
+            )
+        else:
+            fix = (
+                "There is no older checkpoint to fall back to: restore a backup copy of "
+                f"{path}, or start from scratch."
+            )
+        return CheckpointError(
+            f"checkpoint step {step} at {path} is damaged: its {part} cannot be read "
+            f"({reason}). {fix}",
+            step=step,
+            path=path,
+            part=part,
+            reason=reason,
+        )
+
+
+# TensorStore's errors for bytes that are missing, short or fail their checksum or
+# decompression; other codes (out of memory, a bad request) are not damage.
+_TENSORSTORE_DAMAGE = re.compile(r"(DATA_LOSS|NOT_FOUND|OUT_OF_RANGE|FAILED_PRECONDITION): ")
+
+
+def _unreadable_part(error: BaseException) -> str | None:
+    """`"array data"` if `error` comes from unreadable bytes of the OCDBT store that
+    holds the arrays (its manifest, index or chunks), `"metadata"` if from an unreadable
+    JSON file (Orbax's `_METADATA`, `_sharding`, `array_metadatas/`, the `extra` item),
+    `None` if it is not damage."""
+    root = _root_cause(error)
+    if _TENSORSTORE_DAMAGE.match(str(root)):
+        return "array data" if "OCDBT" in str(root) else "metadata"
+    if isinstance(root, (json.JSONDecodeError, UnicodeDecodeError, OSError)):
+        return "metadata"
+    return None
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost `raise ... from` cause (Orbax wraps TensorStore's error)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
+def _describe(error: BaseException) -> str:
+    """`Type: message`, without TensorStore's long spec dumps, on one line."""
+    text = re.split(r" \[(?:tensorstore_spec|source locations)", str(error))[0]
+    text = " ".join(text.split())
+    text = text if len(text) <= 400 else text[:397] + "..."
+    return text if _TENSORSTORE_DAMAGE.match(text) else f"{type(error).__name__}: {text}"
 
 
 def _is_arr(x: Any) -> bool:

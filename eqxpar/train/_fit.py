@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from ._checkpoint import Checkpointer
+from ._checkpoint import Checkpointer, CheckpointError
 from ._state import TrainState
 
 
@@ -30,6 +31,7 @@ def fit(
     on_nonfinite: Literal["stop", "skip"] = "stop",
     items_per_step: int | None = None,
     progress: bool = True,
+    progress_every: int | None = None,
 ) -> tuple[TrainState, list[dict]]:
     """Trains until `steps` batches have been used, and returns the state and metrics.
 
@@ -56,7 +58,13 @@ def fit(
       step (the state before it is returned in the error's `.state` and, with a
       checkpointer, saved), or `"skip"`s the update and goes on with the next batch.
     - `items_per_step`: tokens (or examples) per step, for the throughput column.
-    - `progress`: show a progress bar (tqdm).
+    - `progress`: show progress. On a terminal (when `sys.stderr` is one) a tqdm bar;
+      elsewhere (CI logs, `| tee`, a file), where a bar's carriage returns would pile
+      up on one line, a plain line every `progress_every` steps and after the last:
+      `step 30/300  loss 2.4242  5,412 items/s  378 ms/step`, with that step's loss and
+      the mean step time since the previous line.
+    - `progress_every`: steps between plain progress lines; by default a tenth of the
+      steps this call runs, and at most 100.
 
     **Returns:**
 
@@ -68,7 +76,7 @@ def fit(
     out = None if metrics_path is None else Path(metrics_path)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-    bar = _bar(range(start, steps), progress)
+    bar = _progress(start, steps, progress, progress_every, items_per_step)
 
     def record(row: dict) -> None:
         rows.append(row)
@@ -82,7 +90,7 @@ def fit(
 
     i = start
     try:
-        for i in bar:
+        for i in range(start, steps):
             batch = batch_fn(i)
             t0 = time.perf_counter()
             new_state, metrics = step_fn(state, *batch)
@@ -100,6 +108,7 @@ def fit(
                     error.state = state  # type: ignore[attr-defined]
                     raise error
                 record({"step": i, "skipped": True, "loss": loss})
+                bar.update(i + 1, loss, dt)
                 continue
             state = new_state
             row = {"step": i, "loss": loss, "step_time_s": dt}
@@ -108,40 +117,85 @@ def fit(
             if items_per_step:
                 row["items_per_s"] = items_per_step / dt
             record(row)
-            if hasattr(bar, "set_postfix"):
-                rate = f"{items_per_step / dt:,.0f}" if items_per_step else "-"
-                bar.set_postfix(loss=f"{loss:.4f}", per_s=rate, ms=f"{1e3 * dt:.0f}")
             done = i + 1
+            bar.update(done, loss, dt)
             if eval_fn is not None and eval_every and (done % eval_every == 0 or done == steps):
                 evaluated = {k: float(v) for k, v in eval_fn(state).items()}
                 record({"step": i, **{f"eval_{k}": v for k, v in evaluated.items()}})
-                _write(
-                    bar, f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluated.items())
+                bar.write(
+                    f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluated.items())
                 )
             if checkpoint_every and done % checkpoint_every == 0 and done < steps:
                 save(done)
         save(steps)
     except KeyboardInterrupt:
-        _write(bar, f"interrupted at batch {i}: saving and stopping")
+        bar.write(f"interrupted at batch {i}: saving and stopping")
         save(i)
     finally:
         if checkpointer is not None:
             checkpointer.wait()
-        if hasattr(bar, "close"):
-            bar.close()
+        bar.close()
         if plot_path is not None and rows:
             plot_losses(Path(plot_path), rows)
     return state, rows
 
 
 def resume(
-    checkpointer: Checkpointer, like: TrainState, *, mesh: Any, strategy: Any = "dp"
+    checkpointer: Checkpointer,
+    like: TrainState,
+    *,
+    mesh: Any,
+    strategy: Any = "dp",
+    fallback: bool = False,
 ) -> tuple[TrainState, int]:
-    """`(state, start)` from the newest checkpoint, or `(like, 0)` if there is none."""
-    if checkpointer.latest_step() is None:
+    """The state and data position to continue from: the newest checkpoint, restored.
+
+    **Arguments:**
+
+    - `checkpointer`: where the checkpoints are.
+    - `like`, `mesh`, `strategy`: the target run's state, mesh and strategy, as for
+      `Checkpointer.restore`.
+    - `fallback`: if the newest checkpoint is damaged, try the older ones, newest
+      first, and restore the first readable one, printing which steps were skipped
+      and why, and which was restored. Without it, the `CheckpointError` propagates.
+
+    **Returns:**
+
+    `(state, start)`: the restored state and the batch index to continue from, or
+    `(like, 0)` if there is no checkpoint.
+
+    **Raises:**
+
+    `CheckpointError` if the newest checkpoint is damaged (with `fallback`: if every
+    checkpoint is).
+    """
+    steps = checkpointer.all_steps()
+    if not steps:
         return like, 0
-    state, extra = checkpointer.restore(like, mesh=mesh, strategy=strategy)
-    return state, int(extra.get("data_step", int(state.step)))
+    if not fallback:
+        steps = steps[-1:]
+    errors: list[CheckpointError] = []
+    for step in reversed(steps):
+        try:
+            state, extra = checkpointer.restore(like, mesh=mesh, strategy=strategy, step=step)
+        except CheckpointError as e:
+            if not fallback:
+                raise
+            print(
+                f"skipping damaged checkpoint step {step}: its {e.part} cannot be read ({e.reason})"
+            )
+            errors.append(e)
+            continue
+        if errors:
+            skipped = ", ".join(f"step {e.step}" for e in errors)
+            print(f"restored checkpoint step {step} (skipped damaged {skipped})")
+        return state, int(extra.get("data_step", int(state.step)))
+    listed = "; ".join(f"step {e.step}: {e.part} ({e.reason})" for e in errors)
+    raise CheckpointError(
+        f"no readable checkpoint in {checkpointer.directory}: all {len(errors)} are damaged "
+        f"({listed}). Restore a backup copy of the directory, or start from scratch.",
+        path=checkpointer.directory,
+    ) from errors[0]
 
 
 def plot_losses(path: Path, rows: list[dict], title: str | None = None) -> Path:
@@ -167,15 +221,65 @@ def plot_losses(path: Path, rows: list[dict], title: str | None = None) -> Path:
     return path
 
 
-def _bar(iterable: Any, progress: bool) -> Any:
-    if not progress:
-        return iterable
-    try:
+def _progress(
+    start: int, steps: int, progress: bool, every: int | None, items_per_step: int | None
+) -> _Lines | _Bar:
+    """A tqdm bar on a terminal; plain lines (or none, without `progress`) elsewhere."""
+    if every is None:
+        every = max(1, min(100, math.ceil((steps - start) / 10)))
+    elif every < 1:
+        raise ValueError(f"progress_every={every}; it must be at least 1.")
+    if progress and sys.stderr.isatty():  # where tqdm draws
+        try:
+            return _Bar(start, steps, items_per_step)
+        except ImportError:  # pragma: no cover - tqdm is in the `examples` extra
+            pass
+    return _Lines(steps, every if progress else None, items_per_step)
+
+
+class _Lines:
+    """Progress as a plain line every `every` steps and after the last (none if `every`
+    is None); messages as printed lines."""
+
+    def __init__(self, steps: int, every: int | None, items_per_step: int | None):
+        self.steps, self.every, self.items_per_step = steps, every, items_per_step
+        self.time, self.count = 0.0, 0
+
+    def update(self, done: int, loss: float, dt: float) -> None:
+        self.time, self.count = self.time + dt, self.count + 1
+        if self.every is None or (done % self.every and done != self.steps):
+            return
+        mean = self.time / self.count
+        rate = f"  {self.items_per_step / mean:,.0f} items/s" if self.items_per_step else ""
+        print(
+            f"step {done}/{self.steps}  loss {loss:.4f}{rate}  {1e3 * mean:.0f} ms/step",
+            flush=True,
+        )
+        self.time, self.count = 0.0, 0
+
+    def write(self, text: str) -> None:
+        print(text, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+class _Bar:
+    """Progress as a tqdm bar with the loss, throughput and step time."""
+
+    def __init__(self, start: int, steps: int, items_per_step: int | None):
         from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm is in the `examples` extra
-        return iterable
-    return tqdm(iterable, desc="train", unit="step", mininterval=1.0)
 
+        self.items_per_step = items_per_step
+        self.bar = tqdm(total=steps, initial=start, desc="train", unit="step", mininterval=1.0)
 
-def _write(bar: Any, text: str) -> None:
-    (bar.write if hasattr(bar, "write") else print)(text)
+    def update(self, done: int, loss: float, dt: float) -> None:
+        rate = f"{self.items_per_step / dt:,.0f}" if self.items_per_step else "-"
+        self.bar.set_postfix(loss=f"{loss:.4f}", per_s=rate, ms=f"{1e3 * dt:.0f}", refresh=False)
+        self.bar.update(1)
+
+    def write(self, text: str) -> None:
+        self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
