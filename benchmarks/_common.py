@@ -1,66 +1,90 @@
-"""Pieces every benchmark shares: device start-up, the mesh flag, timing and tables.
+"""Pieces every benchmark shares: devices, the mesh flag, timing, checks and tables.
 
-Nothing here starts a JAX backend on import, so a benchmark can parse its flags and
-call `start_devices` before the first array exists.
+`--mesh` and `--devices` mean what they mean in the examples: `eqxpar.cli.parse_mesh`
+and `eqxpar.cli.start_devices` (re-exported here). Nothing here starts a JAX backend on
+import, so a benchmark can parse its flags and call `start_devices` before the first
+array exists.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 import eqxpar as ep
+from eqxpar.cli import parse_mesh, start_devices
+from eqxpar.profile import CollectiveReport
 
+__all__ = [
+    "MIB",
+    "add_common_flags",
+    "add_run_flags",
+    "check_close",
+    "collective_cells",
+    "compile_timed",
+    "format_table",
+    "make_mesh",
+    "mesh_flag",
+    "mesh_text",
+    "mib",
+    "peak_matmul",
+    "ratio",
+    "relative_error",
+    "start_devices",
+    "temp_bytes",
+    "time_round_robin",
+]
+
+# The mesh axes the benchmarks' `--mesh` takes; the others stay 1.
 MESH_AXES = ("data", "tensor")
+MIB = 2.0**20
 
 
-def start_devices(n: int) -> str:
-    """Simulates `n` CPU devices, unless told not to; call it before JAX starts.
+# -- flags and devices -------------------------------------------------------------------
 
-    **Arguments:**
 
-    - `n`: how many CPU devices to simulate. `0` leaves JAX's platform alone (use it on
-      a GPU machine). Ignored too when `JAX_PLATFORMS` names anything but `cpu`.
+def mesh_flag(text: str) -> dict[str, int]:
+    """`--mesh`: `eqxpar.cli.parse_mesh(text)`, limited to `MESH_AXES`, each present.
 
     **Returns:**
 
-    A one-line description of the devices JAX then has (this starts the backend).
+    `{"data": ..., "tensor": ...}`, an axis not named being 1, as in `eqxpar.make_mesh`.
+    Raises `argparse.ArgumentTypeError` naming an entry for another axis.
     """
-    platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
-    if n > 0 and platforms in ("", "cpu"):
-        ep.simulate_cpu_devices(n)
-    devices = jax.devices()
-    cores = os.cpu_count()
-    simulated = devices[0].platform == "cpu" and len(devices) > 1
-    note = f", simulated on {cores} CPU core(s)" if simulated else ""
-    return f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform}{note})"
-
-
-def parse_mesh(text: str) -> dict[str, int]:
-    """`"data=2,tensor=4"` -> `{"data": 2, "tensor": 4}`; missing axes are 1."""
-    sizes = dict.fromkeys(MESH_AXES, 1)
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, eq, value = part.partition("=")
-        if not eq or name not in MESH_AXES or not value.isdigit() or int(value) < 1:
+    sizes = parse_mesh(text)
+    for name, size in sizes.items():
+        if name not in MESH_AXES:
             raise argparse.ArgumentTypeError(
-                f"bad entry {part!r}; write AXIS=SIZE pairs joined by commas, AXIS "
-                f"one of {', '.join(MESH_AXES)}, SIZE >= 1 (e.g. data=2,tensor=4)."
+                f"bad entry '{name}={size}': the benchmarks' meshes have the axes "
+                f"{' and '.join(MESH_AXES)} only (e.g. data=2,tensor=4)"
             )
-        sizes[name] = int(value)
-    return sizes
+    return {name: sizes.get(name, 1) for name in MESH_AXES}
+
+
+def mesh_text(sizes: dict[str, int]) -> str:
+    """`"data=2,tensor=4"`: the axes of size > 1 (`"data=1"` when there are none)."""
+    return ",".join(f"{k}={v}" for k, v in sizes.items() if v > 1) or "data=1"
+
+
+def _count(text: str) -> int:
+    """`--devices`: an integer >= 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 0")
+    return int(text)
 
 
 def add_run_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Adds the flags `run.py` passes on to every benchmark: `--devices`, `--repeats`."""
     parser.add_argument(
         "--devices",
-        type=int,
+        type=_count,
         default=8,
         help="simulate this many CPU devices (default 8); 0 keeps JAX's own platform, "
         "e.g. on a GPU machine (so does JAX_PLATFORMS=cuda)",
@@ -77,8 +101,8 @@ def add_common_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     add_run_flags(parser)
     parser.add_argument(
         "--mesh",
-        type=parse_mesh,
-        default=parse_mesh("data=2,tensor=4"),
+        type=mesh_flag,
+        default=mesh_flag("data=2,tensor=4"),
         help="mesh axis sizes (default data=2,tensor=4); uses the first data*tensor devices",
     )
     parser.add_argument(
@@ -88,15 +112,18 @@ def add_common_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 
 
 def make_mesh(sizes: dict[str, int]) -> jax.sharding.Mesh:
-    """An eqxpar mesh on the first `data * tensor` devices."""
-    needed = sizes["data"] * sizes["tensor"]
+    """An eqxpar mesh of these axis sizes (`mesh_flag`'s) on the first devices it needs."""
+    needed = math.prod(sizes.values())
     devices = jax.devices()
     if needed > len(devices):
         raise SystemExit(
-            f"--mesh data={sizes['data']},tensor={sizes['tensor']} needs {needed} devices "
-            f"but JAX has {len(devices)}; pass --devices {needed} (CPU) or a smaller --mesh."
+            f"--mesh {mesh_text(sizes)} needs {needed} devices but JAX has {len(devices)}; "
+            f"pass --devices {needed} (CPU) or a smaller --mesh."
         )
     return ep.make_mesh(**sizes, devices=devices[:needed])
+
+
+# -- timing ------------------------------------------------------------------------------
 
 
 def compile_timed(jitted: Any, *args: Any) -> tuple[Any, float]:
@@ -141,6 +168,108 @@ def time_round_robin(
             jax.block_until_ready(fn(*args))
             times[name].append(time.perf_counter() - start)
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+
+
+# -- checks ------------------------------------------------------------------------------
+
+
+def relative_error(got: Any, want: Any) -> float:
+    """`|got - want| / |want|` in the L2 norm, in float64 (`|want|` at least 1e-30)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def check_close(
+    got: tuple[Any, Any], want: tuple[Any, Any], *, rtol: float, what: str, baseline: str, fix: str
+) -> tuple[float, float]:
+    """Exits unless a `(loss, grads)` pair matches the baseline's within `rtol`.
+
+    **Arguments:**
+
+    - `got`, `want`: `(loss, grads)` of the variant and of the baseline. The two `grads`
+      may be different pytrees, as long as their arrays come in the same order; the
+      key paths of `got`'s name them.
+    - `rtol`: the largest relative error allowed (`relative_error`, for the loss and for
+      each gradient array).
+    - `what`: who computed `got`, the message's start, e.g. `"tp_mlp: variant 'TP'"`.
+    - `baseline`: who computed `want`, e.g. `"the single-device dense baseline"`.
+    - `fix`: the message's last sentence, what to do about it.
+
+    **Returns:**
+
+    The relative error of the loss and the largest relative error of any gradient.
+    Raises `SystemExit` with a one-line message otherwise.
+    """
+    (loss, grads), (ref_loss, ref_grads) = got, want
+    loss_err = relative_error(loss, ref_loss)
+    if not loss_err <= rtol:
+        raise SystemExit(
+            f"{what} computed loss {float(loss):.8g}, but {baseline} computed "
+            f"{float(ref_loss):.8g}: relative error {loss_err:.2e} > --rtol {rtol:g}. {fix}"
+        )
+    leaves, refs = jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)
+    if len(leaves) != len(refs):
+        raise SystemExit(
+            f"{what}: {len(leaves)} gradient arrays, but {baseline} has {len(refs)}. {fix}"
+        )
+    errs = {
+        jax.tree_util.keystr(path, simple=True, separator="."): relative_error(g, w)
+        for (path, g), w in zip(leaves, refs)
+    }
+    worst = max(errs, key=errs.__getitem__, default=None)
+    if worst is not None and not errs[worst] <= rtol:
+        raise SystemExit(
+            f"{what}: the gradient of {worst!r} differs from {baseline}'s by relative L2 "
+            f"error {errs[worst]:.2e} > --rtol {rtol:g} (its loss matched). {fix}"
+        )
+    return loss_err, 0.0 if worst is None else errs[worst]
+
+
+# -- report cells --------------------------------------------------------------------------
+
+
+def mib(nbytes: float, digits: int = 3) -> str:
+    """`nbytes` in MiB (2^20 B), with `digits` decimals."""
+    return f"{nbytes / MIB:.{digits}f}"
+
+
+def ratio(value: float | None, base: float | None) -> str:
+    """`"x1.50"`; `"-"` when either is missing or `base` is 0 (e.g. no collective)."""
+    return "-" if value is None or not base else f"x{value / base:.2f}"
+
+
+def temp_bytes(compiled: Any) -> int:
+    """Per-device temporaries of a compiled step (Equinox's wrapper or JAX's
+    `Compiled`): `memory_analysis().temp_size_in_bytes`."""
+    compiled = getattr(compiled, "compiled", compiled)
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
+def collective_cells(
+    report: CollectiveReport, kinds: Sequence[str], axis: str, *, others: bool = False
+) -> list[str]:
+    """`count / MB` for each of `kinds` over `axis` alone; `"-"` where there is none.
+
+    **Arguments:**
+
+    - `report`: `eqxpar.profile.count_collectives` of a compiled step.
+    - `kinds`: the collective kinds, one cell each, e.g. `("all-reduce", "all-gather")`.
+    - `axis`: the mesh axis; a collective counts when its axes are exactly `(axis,)`.
+    - `others`: add one cell for every collective over any other axes.
+
+    **Returns:**
+
+    The cells: executions, and per-device output bytes summed in MB (1e6 B).
+    """
+
+    def cell(count: int, nbytes: float) -> str:
+        return f"{count} / {nbytes / 1e6:.2f}" if count else "-"
+
+    cells = [cell(report.count(k, axis=axis), report.bytes(k, axis=axis)) for k in kinds]
+    if others:
+        rest = [r for r in report.records if r.axes != (axis,)]
+        cells.append(cell(sum(r.count for r in rest), sum(r.count * r.nbytes for r in rest)))
+    return cells
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -42,7 +42,18 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-from _common import add_run_flags, format_table, make_mesh, parse_mesh, start_devices
+from _common import (
+    add_run_flags,
+    collective_cells,
+    format_table,
+    make_mesh,
+    mesh_flag,
+    mesh_text,
+    mib,
+    ratio,
+    start_devices,
+    temp_bytes,
+)
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -54,7 +65,6 @@ STRATEGIES = ("dp", "zero1", "zero2", "fsdp")
 REMAT = "fsdp, remat=full"
 PLAIN = "plain jax.jit DP"
 DEFAULT_MESHES = ("data=8", "data=2,tensor=4")
-MIB = 2.0**20
 KINDS = ("all-reduce", "all-gather", "reduce-scatter")
 SHORT = {"all-reduce": "AR", "all-gather": "AG", "reduce-scatter": "RS"}
 
@@ -167,14 +177,9 @@ def eqxpar_row(
     report = memory_report(state, kind, mesh, compiled=compiled)
     theory = report.theory_params + report.theory_grads + report.theory_opt_state
     assert report.temp is not None
-    return Row(mesh_text(mesh), name, report.data_size, report.params, report.grads,
+    return Row(mesh_text(dict(mesh.shape)), name, report.data_size, report.params, report.grads,
                report.opt_state, theory, report.temp, count_collectives(compiled, mesh),
                init_s, compile_s)  # fmt: skip
-
-
-def mesh_text(mesh: jax.sharding.Mesh) -> str:
-    """`"data=2,tensor=4"`, axes of size 1 left out."""
-    return ",".join(f"{k}={v}" for k, v in mesh.shape.items() if v > 1) or "data=1"
 
 
 def measure_mesh(
@@ -221,9 +226,9 @@ def measure_mesh(
     compile_s = time.perf_counter() - built
     param_bytes = per_device_bytes(params)
     rows.append(
-        Row(mesh_text(mesh), PLAIN, sizes["data"], param_bytes, param_bytes,
+        Row(mesh_text(sizes), PLAIN, sizes["data"], param_bytes, param_bytes,
             per_device_bytes(opt_state), 2 * global_bytes(params) + global_bytes(opt_state),
-            int(compiled.memory_analysis().temp_size_in_bytes),
+            temp_bytes(compiled),
             count_collectives(compiled, mesh), built - start, compile_s)
     )  # fmt: skip
     return rows, total
@@ -241,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_flags(parser)  # --repeats is accepted (run.py passes it) but nothing is timed
     parser.add_argument(
         "--mesh",
-        type=parse_mesh,
+        type=mesh_flag,
         action="append",
         help="a mesh to measure on, e.g. data=2,tensor=4; repeat the flag for several "
         f"(default: {' and '.join(DEFAULT_MESHES)})",
@@ -266,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     """Fills in the default meshes; fails early, with the fix, on sizes they cannot split."""
     if not args.mesh:
-        args.mesh = [parse_mesh(text) for text in DEFAULT_MESHES]
+        args.mesh = [mesh_flag(text) for text in DEFAULT_MESHES]
     for sizes in args.mesh:
         data, tensor = sizes["data"], sizes["tensor"]
         if args.batch % data:
@@ -274,24 +279,6 @@ def check_args(args: argparse.Namespace) -> None:
         for flag, value in (("--vocab", args.vocab), ("--heads", args.heads)):
             if value % tensor:
                 raise SystemExit(f"memory: {flag} must be a multiple of tensor={tensor}.")
-
-
-def mib(nbytes: float) -> str:
-    return f"{nbytes / MIB:.3f}"
-
-
-def collective_cells(row: Row) -> list[str]:
-    """`count / MB` over `data` for each of `KINDS`."""
-    report, cells = row.collectives, []
-    for kind in KINDS:
-        count = report.count(kind, axis="data")
-        cells.append(f"{count} / {report.bytes(kind, axis='data') / 1e6:.2f}" if count else "-")
-    return cells
-
-
-def ratio(value: float, base: float) -> str:
-    """`"x1.50"`, or `"-"` when `base` is 0 (no collective over `data` at all)."""
-    return f"x{value / base:.2f}" if base else "-"
 
 
 def data_bytes(row: Row) -> tuple[int, float]:
@@ -317,8 +304,8 @@ def report(
         counted, ring = data_bytes(r)
         base_counted, base_ring = dp[r.mesh]
         comms.append(
-            (r.label, *collective_cells(r), f"{counted / 1e6:.2f}", ratio(counted, base_counted),
-             f"{ring / 1e6:.2f}", ratio(ring, base_ring),
+            (r.label, *collective_cells(r.collectives, KINDS, "data"), f"{counted / 1e6:.2f}",
+             ratio(counted, base_counted), f"{ring / 1e6:.2f}", ratio(ring, base_ring),
              f"{r.init_s:.1f}" if r.name != REMAT else "-", f"{r.compile_s:.1f}")
         )  # fmt: skip
     lines = [
@@ -365,9 +352,7 @@ def report(
         format_table(
             (
                 "mesh: variant",
-                "AR data",
-                "AG data",
-                "RS data",
+                *(f"{SHORT[k]} data" for k in KINDS),
                 "counted MB",
                 "counted x dp",
                 "ring MB",
@@ -400,12 +385,11 @@ def main(argv: list[str] | None = None) -> None:
         fsdp = next(r for r in mesh_rows if r.name == "fsdp")
         devices_used = sizes["data"] * sizes["tensor"]
         got, want = fsdp.params + fsdp.opt_state, total / devices_used
-        ratio = got / want
         checks.append((
             f"fsdp on {fsdp.mesh}: params + opt state {mib(got)} MiB per device, total / "
-            f"{devices_used} = {mib(want)} MiB: x{ratio:.3f} (within "
+            f"{devices_used} = {mib(want)} MiB: x{got / want:.3f} (within "
             f"{100 * args.tolerance:g}% wanted)",
-            abs(ratio - 1) <= args.tolerance,
+            abs(got / want - 1) <= args.tolerance,
         ))  # fmt: skip
     print(report(args, devices, rows, checks), flush=True)
     failed = [text for text, ok in checks if not ok]

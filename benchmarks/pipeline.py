@@ -11,9 +11,9 @@ For `eqxpar.pipeline`'s three schedules, `GPipe()`, `OneFOneB()` and
    (`compiled.memory_analysis().temp_size_in_bytes`, per device) of a
    `models.PPClassifier` for each `m`, the batch growing with `m` (`--batch` rows per
    microbatch per data shard), next to each table's activation-buffer slot count
-   (`eqxpar.pipeline._executor._program(table).num_slots`, the stage inputs the
-   executor keeps) and `max_in_flight()`. The claim checked: 1F1B's temporaries stay
-   flat as `m` grows, GPipe's grow linearly (see `--gpipe-growth` for the threshold).
+   (`TickTable.num_slots`, the stage inputs the executor keeps) and
+   `max_in_flight()`. The claim checked: 1F1B's temporaries stay flat as `m` grows,
+   GPipe's grow linearly (see `--gpipe-growth` for the threshold).
    The steps are compiled only, never run.
 3. **Time**: one training step (loss and gradients) at `m = --time-microbatches`
    (default 8) with `--time-batch` rows per microbatch per data shard, per schedule,
@@ -48,17 +48,15 @@ from typing import Any
 
 import equinox as eqx
 import jax
-from _common import add_run_flags, format_table, start_devices, time_round_robin
+from _common import add_run_flags, format_table, mib, start_devices, temp_bytes, time_round_robin
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import eqxpar as ep
 from eqxpar.pipeline import AbstractSchedule, GPipe, Interleaved1F1B, OneFOneB
-from eqxpar.pipeline._executor import _program
 from eqxpar.profile import CollectiveReport, count_collectives
 from models import PPClassifier
 
-MIB = 2.0**20
 PLAIN = "plain jax.jit DP"
 
 
@@ -155,11 +153,6 @@ def batch(args: argparse.Namespace, rows: int, sharding: NamedSharding) -> tuple
     return jax.device_put(x, sharding), jax.device_put(y, sharding)
 
 
-def temp_bytes(compiled: Any) -> int:
-    """Per-device temporaries of a compiled step (Equinox's wrapper or JAX's)."""
-    return getattr(compiled, "compiled", compiled).memory_analysis().temp_size_in_bytes
-
-
 # -- the tables --------------------------------------------------------------------------
 
 
@@ -197,7 +190,7 @@ def memory_section(
     p, d = args.stages, args.data
     scheds = schedules(args.virtual)
     models = {name: make_model(args, virtual_of(s)) for name, s in scheds.items()}
-    placed = {name: ep.shard(model, pipe_mesh) for name, model in models.items()}
+    placed = {name: ep.place(model, pipe_mesh) for name, model in models.items()}
     dyn, static = eqx.partition(models["1F1B"], eqx.is_array)
     plain_params = jax.device_put(dyn, NamedSharding(dp_mesh, P()))
     temps: dict[str, dict[int, int]] = {name: {} for name in [*scheds, PLAIN]}
@@ -208,7 +201,7 @@ def memory_section(
         x, y = batch(args, rows, NamedSharding(pipe_mesh, P("data")))
         for name, schedule in scheds.items():
             table = schedule.table(p, m)
-            slots[name][m] = (_program(table).num_slots, table.max_in_flight())
+            slots[name][m] = (table.num_slots, table.max_in_flight())
             compiled = pipeline_step(pipe_mesh, schedule, m).lower(placed[name], x, y).compile()
             temps[name][m] = temp_bytes(compiled)
         x, y = batch(args, rows, NamedSharding(dp_mesh, P("data")))
@@ -221,8 +214,8 @@ def memory_section(
         cells: list[Any] = [m, m * args.batch * d]
         for name in scheds:
             n_slots, in_flight = slots[name][m]
-            cells += [f"{n_slots} / {in_flight}", f"{temps[name][m] / MIB:.1f}"]
-        cells.append(f"{temps[PLAIN][m] / MIB:.1f}")
+            cells += [f"{n_slots} / {in_flight}", mib(temps[name][m], 1)]
+        cells.append(mib(temps[PLAIN][m], 1))
         rows_out.append(cells)
     headers = ["m", "global batch"]
     for name in scheds:
@@ -245,8 +238,8 @@ def memory_section(
             gpipe[hi] > args.gpipe_growth * gpipe[lo],
         ),
         (
-            f"GPipe temp grows by {growth / MIB:.3f} MiB per microbatch = one buffer slot of "
-            f"each of the two buffers (2 x batch x width x 4 B = {slot_bytes / MIB:.3f} MiB)",
+            f"GPipe temp grows by {mib(growth)} MiB per microbatch = one buffer slot of "
+            f"each of the two buffers (2 x batch x width x 4 B = {mib(slot_bytes)} MiB)",
             abs(growth - slot_bytes) <= 0.02 * slot_bytes,
         ),
     ]
@@ -256,7 +249,7 @@ def memory_section(
         f"hidden={args.hidden}, depth={args.depth}, classes={args.classes}, f32; "
         f"mesh pipeline={p}, data={d}; {args.batch} rows per microbatch per data shard",
         "slots / in flight: the executor's buffer slots per device "
-        "(_program(table).num_slots) / table.max_in_flight();",
+        "(table.num_slots) / table.max_in_flight();",
         "temp MiB: compiled.memory_analysis().temp_size_in_bytes (2^20 B), compiled only. "
         f"{PLAIN}: the same model, no pipeline,",
         f"params replicated, the same global batch split over data={p * d} "
@@ -267,7 +260,7 @@ def memory_section(
     return lines, checks
 
 
-def collective_cells(report: CollectiveReport) -> tuple[int, int, list[str]]:
+def pipeline_collectives(report: CollectiveReport) -> tuple[int, int, list[str]]:
     """Permutes over `pipeline`, all-reduces whose group includes `pipeline`, and any
     other collective kind over `pipeline` (should be none)."""
     permutes = report.count("collective-permute", "pipeline")
@@ -294,7 +287,7 @@ def time_section(
     calls, reports, tables = {}, {}, {}
     x, y = batch(args, rows, NamedSharding(pipe_mesh, P("data")))
     for name, schedule in scheds.items():
-        model = ep.shard(make_model(args, virtual_of(schedule)), pipe_mesh)
+        model = ep.place(make_model(args, virtual_of(schedule)), pipe_mesh)
         compiled = pipeline_step(pipe_mesh, schedule, m).lower(model, x, y).compile()
         calls[name] = (compiled, (model, x, y))
         reports[name] = count_collectives(compiled, pipe_mesh)
@@ -316,7 +309,7 @@ def time_section(
 
     rows_out, coll_rows = [], []
     for name, table in tables.items():
-        permutes, reduces, others = collective_cells(reports[name])
+        permutes, reduces, others = pipeline_collectives(reports[name])
         rows_out.append(
             (name, f"{ms[name]:.1f}", f"{ms[name] / ms[PLAIN]:.2f}", table.num_ticks,
              f"{table.bubble_fraction():.3f}")

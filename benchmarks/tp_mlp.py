@@ -31,12 +31,14 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 from _common import (
     add_common_flags,
+    check_close,
+    collective_cells,
     compile_timed,
     format_table,
     make_mesh,
+    mesh_text,
     peak_matmul,
     start_devices,
     time_round_robin,
@@ -176,7 +178,7 @@ def _eqxpar(**parallel: Any) -> Callable:
 
     def build(params: Params, x: jax.Array, mesh: jax.sharding.Mesh):
         x_spec = P("data", "tensor") if parallel.get("sequence_parallel") else P("data")
-        mlp = ep.shard(TPMLP(params, **parallel, key=jax.random.key(0)), mesh)
+        mlp = ep.place(TPMLP(params, **parallel, key=jax.random.key(0)), mesh)
         return eqxpar_step(mesh, x_spec), (mlp, jax.device_put(x, NamedSharding(mesh, x_spec)))
 
     return build
@@ -206,58 +208,6 @@ def step_flops(batch: int, seq: int, h: int) -> int:
     (input and weight gradients); biases and GELU not counted."""
     forward = 2 * (2 * batch * seq * h * 4 * h)
     return 3 * forward
-
-
-def relative_error(got: Any, want: Any) -> float:
-    """`|got - want| / |want|` in the L2 norm, computed in float64."""
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
-
-
-def check_close(name: str, got: tuple, want: tuple, rtol: float) -> tuple[float, float]:
-    """Aborts unless `got`'s loss and every gradient match `want`'s within `rtol`.
-
-    **Arguments:**
-
-    - `name`: the variant, for the message.
-    - `got`, `want`: `(loss, grads)` of the variant and of the baseline.
-    - `rtol`: the largest relative error allowed (L2 norm for the gradients).
-
-    **Returns:**
-
-    The relative error of the loss and the largest relative error of any gradient.
-    """
-    (loss, grads), (ref_loss, ref_grads) = got, want
-    loss_err = relative_error(loss, ref_loss)
-    if not loss_err <= rtol:
-        raise SystemExit(
-            f"tp_mlp: variant {name!r} computed loss {float(loss):.8g}, but the "
-            f"single-device dense baseline computed {float(ref_loss):.8g}: relative error "
-            f"{loss_err:.2e} > --rtol {rtol:g}. The parallel schedule is wrong; run the "
-            f"tests (make test)."
-        )
-    grad_errs = {key: relative_error(grads[key], ref) for key, ref in ref_grads.items()}
-    worst = max(grad_errs, key=lambda k: grad_errs[k])
-    if not grad_errs[worst] <= rtol:
-        raise SystemExit(
-            f"tp_mlp: variant {name!r}: the gradient of {worst!r} differs from the "
-            f"baseline's by relative L2 error {grad_errs[worst]:.2e} > --rtol {rtol:g} "
-            f"(its loss matched). The parallel schedule is wrong; run the tests (make test)."
-        )
-    return loss_err, grad_errs[worst]
-
-
-def collective_cells(report: CollectiveReport) -> list[str]:
-    """`count / MB` per kind over `tensor` alone, then everything over other axes."""
-    cells = []
-    for kind in KINDS:
-        count = report.count(kind, axis="tensor")
-        cells.append(f"{count} / {report.bytes(kind, axis='tensor') / 1e6:.2f}" if count else "-")
-    other = [r for r in report.records if r.axes != ("tensor",)]
-    count = sum(r.count for r in other)
-    nbytes = sum(r.count * r.nbytes for r in other)
-    cells.append(f"{count} / {nbytes / 1e6:.2f}" if count else "-")
-    return cells
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -327,7 +277,14 @@ def measure(
         compiled, seconds = compile_timed(jitted, *placed)
         out = jax.block_until_ready(compiled(*placed))
         reference = out if reference is None else reference
-        errs = check_close(variant.name, out, reference, args.rtol)
+        errs = check_close(
+            out,
+            reference,
+            rtol=args.rtol,
+            what=f"tp_mlp: variant {variant.name!r}",
+            baseline="the single-device dense baseline",
+            fix="The parallel schedule is wrong; run the tests (make test).",
+        )
         measured[variant.name] = Measured(seconds, count_collectives(compiled, mesh), *errs)
         calls[variant.name] = (compiled, placed)
     median_ms = time_round_robin(calls, repeats=args.repeats, warmup=args.warmup)
@@ -353,12 +310,14 @@ def report(
             (name, f"{m.compile_s:.2f}", f"{ms:.1f}", f"{ms / base:.2f}", f"{rate:.0f}",
              f"{100 * rate / peak:.0f}%", f"{m.loss_err:.0e}", f"{m.grad_err:.0e}")
         )  # fmt: skip
-    comms = [(name, *collective_cells(measured[name].collectives)) for name in median_ms]
-    mesh_text = ",".join(f"{k}={v}" for k, v in args.mesh.items())
+    comms = [
+        (name, *collective_cells(measured[name].collectives, KINDS, "tensor", others=True))
+        for name in median_ms
+    ]
     lines = [
         f"## tp_mlp: MLP block h={h} -> {4 * h} -> {h}, batch={b}, seq={s}, f32, "
         f"forward + backward",
-        f"devices: {devices}; mesh {mesh_text}",
+        f"devices: {devices}; mesh {mesh_text(args.mesh)}",
         f"median of {args.repeats} timed steps per variant (round-robin, {args.warmup} "
         f"warm-up each); FLOPs per step {flops / 1e9:.2f} G = forward 2 matmuls of "
         f"2*b*s*h*4h, backward twice the forward",

@@ -46,8 +46,16 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
-from _common import add_common_flags, format_table, make_mesh, start_devices, time_round_robin
+from _common import (
+    add_common_flags,
+    check_close,
+    format_table,
+    make_mesh,
+    mesh_text,
+    ratio,
+    start_devices,
+    time_round_robin,
+)
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -183,28 +191,19 @@ def compile_step(mesh: jax.sharding.Mesh, args: tuple) -> Compiled:
     )
 
 
-def relative_error(got: Any, want: Any) -> float:
-    """`|got - want| / |want|` in the L2 norm, in float64."""
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
-
-
 def check_same(layers: int, scan_out: tuple, unrolled_out: tuple, rtol: float) -> float:
     """Aborts unless both versions give the same loss and gradients; returns the largest
     relative error over the loss and every gradient array."""
     (loss, grads), (ref_loss, ref_grads) = scan_out, unrolled_out
-    got = jax.tree_util.tree_leaves_with_path(parts(grads))
-    want = jax.tree.leaves(ref_grads.stacked_grads())
-    errs = {"loss": relative_error(loss, ref_loss)}
-    errs |= {jax.tree_util.keystr(p): relative_error(g, w) for (p, g), w in zip(got, want)}
-    worst = max(errs, key=lambda k: errs[k])
-    if len(got) != len(want) or not errs[worst] <= rtol:
-        raise SystemExit(
-            f"transformer_compile: {layers} layers: the scanned and unrolled models differ "
-            f"in {worst} by relative error {errs[worst]:.2e} > --rtol {rtol:g}; the "
-            f"unrolled alternative is not the same model."
-        )
-    return errs[worst]
+    errs = check_close(
+        (loss, parts(grads)),
+        (ref_loss, ref_grads.stacked_grads()),
+        rtol=rtol,
+        what=f"transformer_compile: the scanned {layers}-layer model",
+        baseline="the unrolled one",
+        fix="The unrolled alternative is not the same model.",
+    )
+    return max(errs)
 
 
 # -- flags, measurement, report ----------------------------------------------------------
@@ -324,9 +323,9 @@ def measure(args: argparse.Namespace, mesh: jax.sharding.Mesh) -> dict[int, Dept
             max_seq_len=args.seq,
         )
         scanned = Transformer(config, key=km)
-        models[layers] = {"scan": ep.shard(scanned, mesh)}
+        models[layers] = {"scan": ep.place(scanned, mesh)}
         if layers <= args.unrolled_max_layers:
-            models[layers]["unrolled"] = ep.shard(UnrolledTransformer(scanned), mesh)
+            models[layers]["unrolled"] = ep.place(UnrolledTransformer(scanned), mesh)
     # One untimed compile first: the process's first one pays one-off start-up costs.
     compile_step(mesh, (models[args.layers[0]]["scan"], x, y))
     results = {layers: Depth() for layers in args.layers}
@@ -356,9 +355,6 @@ def report(args: argparse.Namespace, devices: str, results: dict[int, Depth]) ->
     def secs(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f}"
 
-    def ratio(a: float | None, b: float | None) -> str:
-        return "-" if a is None or b is None else f"x{a / b:.2f}"
-
     def unrolled(depth: Depth, field: str) -> float | None:
         return None if depth.unrolled is None else getattr(depth.unrolled, field)
 
@@ -387,10 +383,9 @@ def report(args: argparse.Namespace, devices: str, results: dict[int, Depth]) ->
     passed = judged < args.max_ratio
     skipped = ", ".join(str(n) for n, d in results.items() if d.unrolled is None)
     skip_note = f" (skipped above --unrolled-max-layers: {skipped})" if skipped else ""
-    mesh_text = ",".join(f"{k}={v}" for k, v in args.mesh.items())
     lines = [
         "## transformer_compile: training-step compile time by depth, scan vs unrolled",
-        f"devices: {devices}; mesh {mesh_text}",
+        f"devices: {devices}; mesh {mesh_text(args.mesh)}",
         f"model: vocab={args.vocab}, dim={args.dim}, heads={args.heads}, "
         f"mlp={4 * args.dim}, rmsnorm, gelu, f32; batch={args.batch}, seq={args.seq}",
         "step: filter_jit(filter_value_and_grad(filter_shard_map(loss))), gradients "

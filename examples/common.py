@@ -1,29 +1,42 @@
-"""Command-line pieces shared by the example scripts (flags, mesh parsing, plots)."""
+"""Command-line pieces shared by the example scripts (flags, mesh, checkpoints).
+
+`--mesh` and `--devices` mean what they mean in the benchmarks: `eqxpar.cli.parse_mesh`
+parses the one, `eqxpar.cli.start_devices` starts the other. eqxpar (and so JAX) is
+imported on first use, so `--help` and flag errors come back at once.
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
-AXES = ("data", "tensor", "pipeline", "context", "expert")
-
-
-def parse_mesh(text: str) -> dict[str, int]:
-    """`"data=2,tensor=4"` -> `{"data": 2, "tensor": 4}`; one-line errors name the flag."""
-    sizes: dict[str, int] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, eq, value = part.partition("=")
-        if not eq or name not in AXES or not value.isdigit() or int(value) < 1:
-            raise argparse.ArgumentTypeError(
-                f"--mesh: bad entry {part!r}; write AXIS=SIZE pairs joined by commas, AXIS one "
-                f"of {', '.join(AXES)}, SIZE >= 1 (e.g. data=2,tensor=4)"
-            )
-        sizes[name] = int(value)
-    return sizes
-
+__all__ = [
+    "SCHEDULES",
+    "STRATEGIES",
+    "base_parser",
+    "batch_layout",
+    "build_mesh",
+    "checkpointing",
+    "pipeline_schedule",
+]
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
+# The data-parallel strategies of `eqxpar.train`: what `--strategy` chooses among.
+STRATEGIES = ("dp", "zero1", "zero2", "fsdp")
+
+
+def build_mesh(sizes: dict[str, int]):
+    """`(eqxpar.make_mesh(**sizes), "data=2,tensor=4")`: the mesh (axes not named are 1)
+    and its text; a one-line `--mesh:` error when the sizes do not fit the devices."""
+    import eqxpar as ep
+
+    try:
+        mesh = ep.make_mesh(**sizes)
+    except ValueError as e:
+        sys.exit(f"--mesh: {e}")
+    return mesh, ",".join(f"{k}={v}" for k, v in sizes.items())
 
 
 def pipeline_schedule(name: str, virtual: int):
@@ -38,8 +51,6 @@ def pipeline_schedule(name: str, virtual: int):
 def batch_layout(args, data_size: int, stages: int) -> tuple[int, int]:
     """`(virtual stages, microbatches)` from the flags; one-line errors for a batch that
     does not split over the data axis or into the microbatches."""
-    import sys
-
     if args.batch_size % data_size:
         sys.exit(
             f"--batch-size: {args.batch_size} does not split over data={data_size}; "
@@ -57,8 +68,6 @@ def batch_layout(args, data_size: int, stages: int) -> tuple[int, int]:
 
 def checkpointing(args, state, mesh, strategy):
     """`(checkpointer or None, state, first batch index)` from the checkpoint flags."""
-    import sys
-
     import eqxpar as ep
 
     checkpointer = None
@@ -73,30 +82,79 @@ def checkpointing(args, state, mesh, strategy):
     return checkpointer, state, start
 
 
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return int(text)
+def _mesh(text: str) -> dict[str, int]:
+    """`--mesh`: `eqxpar.cli.parse_mesh(text)`, the named axes only."""
+    from eqxpar.cli import parse_mesh
+
+    return parse_mesh(text)
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
-    """The flags every example takes."""
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `low`."""
+
+    def parse(text: str) -> int:
+        if not text.isdigit() or int(text) < low:
+            what = "a positive integer" if low == 1 else f"an integer >= {low}"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return int(text)
+
+    return parse
+
+
+def _strategy(moved: dict[str, str]) -> Callable[[str], str]:
+    """An argparse type for `--strategy`: a value in `moved` (one that used to mean
+    something else) fails with a one-line pointer to the flag it moved to."""
+
+    def parse(text: str) -> str:
+        if text in moved:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a data-parallel strategy; use {moved[text]} to choose the "
+                f"model, and --strategy {{{','.join(STRATEGIES)}}} for how data shares it"
+            )
+        return text
+
+    return parse
+
+
+def base_parser(
+    description: str, *, moved_strategies: dict[str, str] | None = None
+) -> argparse.ArgumentParser:
+    """The flags every example takes.
+
+    **Arguments:**
+
+    - `description`: the script's one-line summary, for `--help`.
+    - `moved_strategies`: old `--strategy` values and the flag that replaced each, e.g.
+      `{"tp": "--model tp"}`; they fail with a one-line error naming that flag.
+
+    **Returns:**
+
+    The parser; each script adds its own flags to it.
+    """
     p = argparse.ArgumentParser(description=description)
     p.add_argument(
         "--mesh",
-        type=parse_mesh,
+        type=_mesh,
         default=None,
-        help="mesh axis sizes, e.g. data=2,tensor=4 (default fits --devices)",
+        help="mesh axis sizes, e.g. data=2,tensor=4; axes not named are 1 (default fits --devices)",
     )
     p.add_argument(
         "--devices",
-        type=int,
+        type=_at_least(0),
         default=8,
-        help="simulate this many CPU devices (default 8; with JAX_PLATFORMS=cuda or tpu "
-        "the accelerators are used instead)",
+        help="simulate this many CPU devices (default 8); 0 keeps JAX's own platform, "
+        "e.g. on a GPU machine (so does JAX_PLATFORMS=cuda or tpu)",
     )
-    p.add_argument("--steps", type=_positive, default=300, help="training steps")
-    p.add_argument("--batch-size", type=_positive, default=128, help="global batch size")
+    p.add_argument(
+        "--strategy",
+        type=_strategy(moved_strategies or {}),
+        choices=STRATEGIES,
+        default="dp",
+        help="how the data axis shares model states: dp (replicated), zero1, zero2, fsdp "
+        "(default dp)",
+    )
+    p.add_argument("--steps", type=_at_least(1), default=300, help="training steps")
+    p.add_argument("--batch-size", type=_at_least(1), default=128, help="global batch size")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (Adam or AdamW)")
     p.add_argument("--seed", type=int, default=0, help="seed for init and data order")
     p.add_argument(
@@ -107,7 +165,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--microbatches",
-        type=_positive,
+        type=_at_least(1),
         default=None,
         help="pipeline microbatches per data shard (default: 2 x pipeline size)",
     )
@@ -126,11 +184,3 @@ def base_parser(description: str) -> argparse.ArgumentParser:
         help="where metrics (JSONL) and the loss plot (PNG) go",
     )
     return p
-
-
-def start_devices(n: int) -> None:
-    """Simulate `n` CPU devices unless an accelerator platform was asked for."""
-    import eqxpar as ep
-
-    if os.environ.get("JAX_PLATFORMS", "cpu") in ("", "cpu"):
-        ep.simulate_cpu_devices(n)

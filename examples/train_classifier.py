@@ -1,9 +1,12 @@
 """Train a classifier on scikit-learn's bundled digits (real data, no download).
 
-    python examples/train_classifier.py --strategy tp --mesh data=2,tensor=4
+    python examples/train_classifier.py --model tp --mesh data=2,tensor=4 --strategy zero1
 
-`--strategy dp` trains `SimpleClassifier` replicated on a data-parallel mesh;
-`--strategy tp` trains `TPClassifier` (Megatron Column -> Row blocks) on data x tensor.
+`--model` chooses the network: `simple` is `SimpleClassifier` (no tensor parallelism),
+`tp` is `TPClassifier` (Megatron Column -> Row blocks over `tensor`, the default) and
+`pp` is `PPClassifier`, split into stages over `pipeline` (`--schedule`,
+`--microbatches`). `--strategy` is how the data axis shares the model states, as in
+`train_transformer.py`: `dp` (replicated, the default), `zero1`, `zero2` or `fsdp`.
 Prints a progress bar, writes metrics as JSONL and a loss plot as PNG under `--out`,
 and ends with the test accuracy.
 """
@@ -17,19 +20,24 @@ import time
 from common import (
     base_parser,
     batch_layout,
+    build_mesh,
     checkpointing,
     pipeline_schedule,
-    start_devices,
 )
+
+MODELS = ("simple", "tp", "pp")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = base_parser(__doc__.splitlines()[0])
+    # `--strategy tp` / `pp` chose the model before `--model` existed.
+    p = base_parser(
+        __doc__.splitlines()[0], moved_strategies={m: f"--model {m}" for m in ("tp", "pp")}
+    )
     p.add_argument(
-        "--strategy",
-        choices=("dp", "tp", "pp"),
+        "--model",
+        choices=MODELS,
         default="tp",
-        help="dp: replicated SimpleClassifier; tp: TPClassifier (default); "
+        help="simple: SimpleClassifier; tp: TPClassifier over tensor (default); "
         "pp: PPClassifier on a pipeline mesh (--schedule, --microbatches)",
     )
     p.add_argument("--width", type=int, default=64, help="residual width")
@@ -39,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> float:
     args = parse_args(argv)
+    from eqxpar.cli import start_devices  # JAX loads once the flags are good
+
     start_devices(args.devices)
 
     import equinox as eqx
@@ -55,20 +65,16 @@ def main(argv: list[str] | None = None) -> float:
 
     n = len(jax.devices())
     defaults = {
-        "dp": {"data": n},
+        "simple": {"data": n},
         "tp": {"data": max(1, n // 4), "tensor": min(4, n)},
         "pp": {"data": max(1, n // 4), "tensor": 2 if n >= 4 else 1, "pipeline": 2}
         if n >= 2
         else {"data": 1},
     }
-    sizes = args.mesh or defaults[args.strategy]
-    try:
-        mesh = ep.make_mesh(**sizes)
-    except ValueError as e:
-        sys.exit(f"--mesh: {e}")
+    mesh, mesh_text = build_mesh(args.mesh or defaults[args.model])
     data_size, stages = mesh.shape["data"], mesh.shape["pipeline"]
-    if stages > 1 and args.strategy != "pp":
-        sys.exit(f"--mesh: pipeline={stages} needs --strategy pp")
+    if stages > 1 and args.model != "pp":
+        sys.exit(f"--mesh: pipeline={stages} needs --model pp")
     virtual, micro = batch_layout(args, data_size, stages)
 
     digits = load_digits()
@@ -80,9 +86,9 @@ def main(argv: list[str] | None = None) -> float:
         random_state=args.seed,
         stratify=digits.target,
     )
-    if args.strategy == "dp":
+    if args.model == "simple":
         make = lambda k: SimpleClassifier(64, 10, width=args.width, key=k)  # noqa: E731
-    elif args.strategy == "tp":
+    elif args.model == "tp":
         make = lambda k: TPClassifier(64, 10, width=args.width, key=k)  # noqa: E731
     else:
         depth = 2 * stages * virtual
@@ -90,7 +96,9 @@ def main(argv: list[str] | None = None) -> float:
             64, 10, width=args.width, depth=depth, stages=stages, virtual=virtual, key=k
         )
     optim = optax.adam(args.lr)
-    state = ep.train.init_state(make, jax.random.key(args.seed), optimizer=optim, mesh=mesh)
+    state = ep.train.init_state(
+        make, jax.random.key(args.seed), optimizer=optim, mesh=mesh, strategy=args.strategy
+    )
     schedule = pipeline_schedule(args.schedule, virtual) if stages > 1 else None
 
     def loss_fn(model, x, y, key):
@@ -98,7 +106,7 @@ def main(argv: list[str] | None = None) -> float:
             return model.loss(x, y, schedule=schedule, microbatches=micro)
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(model(x), y))
 
-    train_step = ep.train.make_train_step(loss_fn, optim, mesh=mesh)
+    train_step = ep.train.make_train_step(loss_fn, optim, mesh=mesh, strategy=args.strategy)
     batch = args.batch_size
 
     @eqx.filter_jit
@@ -124,13 +132,12 @@ def main(argv: list[str] | None = None) -> float:
         loss, acc = evaluate(state.model, x_eval, y_eval)
         return {"loss": loss, "accuracy": acc}
 
-    mesh_text = ",".join(f"{k}={v}" for k, v in sizes.items())
     print(
-        f"{args.strategy}: {type(state.model).__name__} on {mesh_text}, "
+        f"{args.model}: {type(state.model).__name__} on {mesh_text} ({args.strategy}), "
         f"{len(x_train)} train / {len(x_test)} test digits"
     )
-    out = args.out / f"classifier-{args.strategy}"
-    checkpointer, state, first = checkpointing(args, state, mesh, "dp")
+    out = args.out / f"classifier-{args.model}"
+    checkpointer, state, first = checkpointing(args, state, mesh, args.strategy)
     if first == 0 and (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()
     start = time.perf_counter()
@@ -148,7 +155,9 @@ def main(argv: list[str] | None = None) -> float:
         items_per_step=batch,
     )
     elapsed = time.perf_counter() - start
-    ep.train.plot_losses(out / "loss.png", rows, f"digits, {args.strategy} on {mesh_text}")
+    ep.train.plot_losses(
+        out / "loss.png", rows, f"digits, {args.model} on {mesh_text} ({args.strategy})"
+    )
     accuracy = rows[-1]["eval_accuracy"]
     print(
         f"done in {elapsed:.1f}s: test accuracy {accuracy:.2%}; "

@@ -20,9 +20,9 @@ from pathlib import Path
 from common import (
     base_parser,
     batch_layout,
+    build_mesh,
     checkpointing,
     pipeline_schedule,
-    start_devices,
 )
 
 
@@ -57,12 +57,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Megatron sequence parallelism over the tensor axis",
     )
     p.add_argument("--dropout", type=float, default=0.0, help="residual dropout rate")
-    p.add_argument(
-        "--strategy",
-        choices=("dp", "zero1", "zero2", "fsdp"),
-        default="dp",
-        help="how the data axis shares model states (default dp)",
-    )
     p.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clip")
     p.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps")
     p.add_argument("--sample-tokens", type=int, default=200, help="bytes to generate")
@@ -91,6 +85,8 @@ def unigram_entropy(data) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    from eqxpar.cli import start_devices  # JAX loads once the flags are good
+
     start_devices(args.devices)
 
     import equinox as eqx
@@ -104,11 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     from models import Transformer, TransformerConfig, count_params
 
     n = len(jax.devices())
-    sizes = args.mesh or {"data": max(1, n // 4), "tensor": min(4, n)}
-    try:
-        mesh = ep.make_mesh(**sizes)
-    except ValueError as e:
-        sys.exit(f"--mesh: {e}")
+    mesh, mesh_text = build_mesh(args.mesh or {"data": max(1, n // 4), "tensor": min(4, n)})
     data_size, tensor, stages = mesh.shape["data"], mesh.shape["tensor"], mesh.shape["pipeline"]
     if stages > 1 and args.dropout:
         sys.exit("--dropout: not supported on pipeline meshes yet; drop it or use pipeline=1")
@@ -189,7 +181,6 @@ def main(argv: list[str] | None = None) -> dict:
         return windows(train, batch, np.random.default_rng([args.seed, i]))
 
     eval_x, eval_y = windows(held_out, 4 * batch, np.random.default_rng([args.seed, 2**31]))
-    mesh_text = ",".join(f"{k}={v}" for k, v in sizes.items())
     print(
         f"Transformer: {count_params(state.model) / 1e6:.2f}M params, {config.num_layers} layers x "
         f"{config.dim} wide, on {mesh_text} ({args.strategy}, {args.precision}, "

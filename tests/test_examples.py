@@ -1,5 +1,6 @@
 """The example scripts run and learn (real data: scikit-learn's bundled digits)."""
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -22,11 +23,22 @@ def standard_promotion():
         yield
 
 
+def test_mesh_and_devices_flags_come_from_eqxpar_cli():
+    from eqxpar.cli import parse_mesh, start_devices
+
+    assert parse_mesh("tensor=4, pipeline=2,") == {"tensor": 4, "pipeline": 2}
+    with pytest.raises(argparse.ArgumentTypeError, match=r"'dta=2'.*did you mean data=2\?"):
+        parse_mesh("dta=2")
+    with pytest.raises(argparse.ArgumentTypeError, match="'data=4': axis 'data' is already"):
+        parse_mesh("data=2,data=4")
+    assert start_devices(8).startswith("8 x ")  # conftest's 8 devices: nothing changes
+
+
 def test_tp_classifier_learns_digits(tmp_path):
     import train_classifier
 
     acc = train_classifier.main(
-        ["--strategy", "tp", "--mesh", "data=2,tensor=4", "--steps", "300", "--out", str(tmp_path)]
+        ["--model", "tp", "--mesh", "data=2,tensor=4", "--steps", "300", "--out", str(tmp_path)]
     )
     assert acc > 0.95
     out = tmp_path / "classifier-tp"
@@ -41,7 +53,7 @@ def test_pp_classifier_trains_on_a_pipeline_mesh(tmp_path):
 
     acc = train_classifier.main(
         [
-            "--strategy",
+            "--model",
             "pp",
             "--mesh",
             "data=2,tensor=2,pipeline=2",
@@ -56,10 +68,20 @@ def test_pp_classifier_trains_on_a_pipeline_mesh(tmp_path):
     assert acc > 0.9
 
 
-def test_dp_classifier_runs(tmp_path):
+def test_simple_classifier_runs(tmp_path):
     import train_classifier
 
-    acc = train_classifier.main(["--strategy", "dp", "--steps", "60", "--out", str(tmp_path)])
+    acc = train_classifier.main(["--model", "simple", "--steps", "60", "--out", str(tmp_path)])
+    assert acc > 0.8
+
+
+def test_classifier_strategy_is_the_data_parallel_strategy(tmp_path, capsys):
+    import train_classifier
+
+    acc = train_classifier.main(
+        ["--model", "tp", "--strategy", "fsdp", "--steps", "60", "--out", str(tmp_path)]
+    )
+    assert "TPClassifier on data=2,tensor=4 (fsdp)" in capsys.readouterr().out
     assert acc > 0.8
 
 
@@ -70,7 +92,9 @@ def test_dp_classifier_runs(tmp_path):
         (["--mesh", "dta=2"], "--mesh: bad entry 'dta=2'"),
         (["--batch-size", "129"], "--batch-size: 129 does not split over data=2"),
         (["--strategy", "zero"], "--strategy: invalid choice: 'zero'"),
-        (["--mesh", "pipeline=2,data=4"], "--mesh: pipeline=2 needs --strategy pp"),
+        (["--strategy", "tp"], "--strategy: 'tp' is not a data-parallel strategy; use --model tp"),
+        (["--model", "dp"], "--model: invalid choice: 'dp'"),
+        (["--mesh", "pipeline=2,data=4"], "--mesh: pipeline=2 needs --model pp"),
     ],
 )
 def test_bad_flags_give_one_line_errors(flags, message):
@@ -119,6 +143,7 @@ def test_transformer_learns_real_text(tmp_path):
     assert (tmp_path / "transformer" / "loss.png").exists()
 
 
+@pytest.mark.slow  # resuming (same and other mesh) is tested fast in test_fit.py
 def test_transformer_example_resumes_from_a_checkpoint(tmp_path):
     import train_transformer
 
@@ -149,6 +174,7 @@ def test_transformer_example_resumes_from_a_checkpoint(tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+@pytest.mark.slow  # FSDP x pipeline training is tested fast in test_pipeline.py
 def test_transformer_on_a_pipeline_mesh_with_fsdp(tmp_path):
     import train_transformer
 
