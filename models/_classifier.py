@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 import eqxpar as ep
-from eqxpar.nn import ColumnParallelLinear, RowParallelLinear
+from eqxpar.collectives import axis_size
+from eqxpar.nn import ColumnParallelLinear, RowParallelLinear, scan_layers
+from eqxpar.pipeline import AbstractSchedule, batch_pipeline_loss
 
 
 class SimpleClassifier(eqx.Module):
@@ -195,12 +196,6 @@ class PPClassifier(eqx.Module):
         return embed(x)
 
     @staticmethod
-    def _chunk(blocks: _Block, h: Array) -> Array:
-        dynamic, static = eqx.partition(blocks, eqx.is_array)
-        h, _ = jax.lax.scan(lambda h, b: (eqx.combine(b, static)(h), None), h, dynamic)
-        return h
-
-    @staticmethod
     def _last_logits(last: tuple[eqx.nn.LayerNorm, RowParallelLinear], h: Array) -> Array:
         norm, head = last
         return head(jax.vmap(norm)(h))
@@ -208,7 +203,7 @@ class PPClassifier(eqx.Module):
     def __call__(self, x: Float[Array, "batch in"]) -> Float[Array, "batch classes"]:
         """Logits, running every chunk in order on this device (no pipeline)."""
         flat = jax.tree.map(lambda a: a.reshape(-1, *a.shape[3:]), self.blocks)
-        h = self._chunk(flat, self._first(self.embed, x))
+        h = scan_layers(flat, self._first(self.embed, x))
         return self._last_logits((self.norm, self.head), h)
 
     def loss(
@@ -216,41 +211,34 @@ class PPClassifier(eqx.Module):
         x: Float[Array, "batch in"],
         labels: Array,
         *,
-        schedule: Any = None,
+        schedule: AbstractSchedule | None = None,
         microbatches: int = 1,
     ) -> Array:
         """Mean softmax cross-entropy over the batch.
 
         Inside `filter_shard_map` with the pipeline axis bound, runs `schedule` (an
-        `eqxpar.pipeline` schedule; default `OneFOneB()`) over `microbatches` equal
-        slices of the batch; otherwise runs the layers in order.
+        `eqxpar.pipeline` schedule; default `OneFOneB()`, or `Interleaved1F1B(virtual)`
+        when `virtual > 1`) over `microbatches` equal slices of the batch; otherwise
+        runs the layers in order.
         """
-        import optax
-
-        from eqxpar.collectives import axis_size
-        from eqxpar.pipeline import OneFOneB, pipeline_loss
-
-        def ce(logits: Array, y: Array) -> Array:
-            return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
-
         if axis_size(self.pipeline_axis) is None:
-            return ce(self(x), labels)
-        if x.shape[0] % microbatches:
-            raise ValueError(
-                f"PPClassifier.loss: batch {x.shape[0]} does not split into "
-                f"{microbatches} microbatches."
-            )
-        table = (OneFOneB() if schedule is None else schedule).table(self.stages, microbatches)
-        split = lambda a: a.reshape(microbatches, -1, *a.shape[1:])  # noqa: E731
-        return pipeline_loss(
-            self._first,
-            self._chunk,
-            lambda last, h, y: ce(self._last_logits(last, h), y),
-            self.embed,
-            self.blocks,
-            (self.norm, self.head),
-            split(x),
-            split(labels),
-            table=table,
+            return _cross_entropy(self(x), labels)
+        return batch_pipeline_loss(
+            (self._first, scan_layers, _last_loss),
+            (self.embed, self.blocks, (self.norm, self.head)),
+            x,
+            labels,
+            stages=self.stages,
+            virtual=self.virtual,
+            microbatches=microbatches,
+            schedule=schedule,
             axis_name=self.pipeline_axis,
         )
+
+
+def _cross_entropy(logits: Array, labels: Array) -> Array:
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+def _last_loss(last: tuple[eqx.nn.LayerNorm, RowParallelLinear], h: Array, labels: Array) -> Array:
+    return _cross_entropy(PPClassifier._last_logits(last, h), labels)

@@ -10,8 +10,7 @@ from helpers import assert_trees_close
 from jax.sharding import PartitionSpec as P
 
 import eqxpar as ep
-from eqxpar.pipeline import GPipe, Interleaved1F1B, OneFOneB
-from eqxpar.pipeline._executor import _program
+from eqxpar.pipeline import GPipe, Interleaved1F1B, OneFOneB, pipeline_loss
 from eqxpar.profile import count_collectives
 from models import PPClassifier, Transformer, TransformerConfig
 
@@ -43,8 +42,8 @@ def run(sizes, schedule, microbatches, *, virtual=1, compile_only=False):
     step = eqx.filter_jit(eqx.filter_value_and_grad(loss))
     x, y = data()
     if compile_only:
-        return mesh, step.lower(ep.shard(model, mesh), x, y).compile()
-    got = step(ep.shard(model, mesh), x, y)
+        return mesh, step.lower(ep.place(model, mesh), x, y).compile()
+    got = step(ep.place(model, mesh), x, y)
     want = eqx.filter_value_and_grad(lambda m: m.loss(x, y))(model)
     return got, want
 
@@ -107,8 +106,50 @@ def test_only_permutes_and_final_sums_cross_stages():
 @pytest.mark.parametrize("m", [4, 8, 16])
 def test_activation_slots_bounded_by_schedule(m):
     p = 4
-    assert _program(GPipe().table(p, m)).num_slots >= m
-    assert _program(OneFOneB().table(p, m)).num_slots <= p + 1
+    assert GPipe().table(p, m).num_slots >= m
+    assert OneFOneB().table(p, m).num_slots <= p + 1
+
+
+def test_interleaved_model_runs_the_interleaved_schedule_by_default():
+    # Two chunks per stage: the default schedule must run both (it once ran only the
+    # first, and the loss silently differed from the model's).
+    (got_loss, got), (want_loss, want) = run(dict(pipeline=2), None, 4, virtual=2)
+    assert_trees_close(got_loss, want_loss)
+    assert_trees_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_schedule_must_match_the_chunks_per_stage():
+    with pytest.raises(
+        ValueError, match=r"runs 1 chunk\(s\) per stage but the model has virtual=2"
+    ):
+        run(dict(pipeline=2), OneFOneB(), 4, virtual=2)
+    # pipeline_loss itself checks the stacked stage parameters against the table.
+    mesh = ep.make_mesh(pipeline=2, devices=jax.devices()[:2])
+    stacked = jnp.ones((2, 2, 3))  # (virtual=2, stages=2, width)
+
+    def loss(w, x):
+        return pipeline_loss(
+            lambda _, x: x,
+            lambda c, h: h * c,
+            lambda _, h, t: jnp.sum(h),
+            None,
+            w,
+            None,
+            x,
+            x,
+            table=OneFOneB().table(2, 2),
+        )
+
+    mapped = ep.filter_shard_map(
+        loss, mesh=mesh, in_specs=(P(None, "pipeline"), P()), out_specs=P()
+    )
+    with pytest.raises(ValueError, match=r"holds 2 chunks per stage, but the table runs virtual=1"):
+        mapped(stacked, jnp.ones((2, 3)))
+    # A stage dim that is not split over the pipeline axis would run stage 0's chunk
+    # everywhere.
+    whole = ep.filter_shard_map(loss, mesh=mesh, in_specs=(P(), P()), out_specs=P())
+    with pytest.raises(ValueError, match=r"stage dim \(dim 1\) holds 2 stages"):
+        whole(stacked[:1], jnp.ones((2, 3)))
 
 
 def test_bad_arguments():
@@ -133,7 +174,7 @@ def test_bad_arguments():
         out_specs=P(),
     )
     with pytest.raises(ValueError, match="does not split into 5 microbatches"):
-        odd(ep.shard(model, mesh), x, y)
+        odd(ep.place(model, mesh), x, y)
 
 
 TRANSFORMER = TransformerConfig(
@@ -172,7 +213,7 @@ def test_transformer_on_pipeline_meshes(changes, sizes, m):
         in_specs=(None, P("data"), P("data")),
         out_specs=P(),
     )
-    got_loss, got = eqx.filter_jit(eqx.filter_value_and_grad(loss))(ep.shard(model, mesh), x, y)
+    got_loss, got = eqx.filter_jit(eqx.filter_value_and_grad(loss))(ep.place(model, mesh), x, y)
     want_loss, want = eqx.filter_value_and_grad(lambda mod: mod.loss(x, y))(model)
     assert_trees_close(got_loss, want_loss)
     assert_trees_close(got, want, rtol=1e-4, atol=1e-6)

@@ -213,22 +213,32 @@ def test_validate_rejects_duplicates():
 def test_as_arrays_replays(schedule, p, m):
     table = schedule.table(p, m)
     arrays = table.as_arrays()
-    assert set(arrays) == {"kind", "mb", "virt", "slot", "first_chunk", "last_chunk"}
+    flags = {"first_chunk", "last_chunk"}
+    assert set(arrays) == {"kind", "mb", "virt", "slot", "recv_f", "recv_b"} | flags
     for name, x in arrays.items():
         assert x.shape == (table.num_ticks, p), name
-        assert x.dtype == (bool if name.endswith("chunk") else np.int32), name
+        assert x.dtype == (bool if name in flags else np.int32), name
     kind, mb, virt, slot = arrays["kind"], arrays["mb"], arrays["virt"], arrays["slot"]
     v = table.virtual
     assert (kind == 0).sum() == _idle(table)
     assert (kind == 1).sum() == (kind == 2).sum() == m * v * p
     n_slots = table.num_slots
-    assert n_slots == table.max_in_flight()
-    assert slot.min() >= 0 and slot.max() < n_slots
-    # Replay as an executor would: a forward stores into its slot, its backward reads it.
-    for s in range(p):
-        buffer: list[tuple[int, int] | None] = [None] * n_slots
-        used = set()
-        for t in range(table.num_ticks):
+    # A slot is held from the input's arrival, which can precede its forward.
+    assert table.max_in_flight() <= n_slots <= table.max_in_flight() + p
+    assert slot.min() >= 0 and slot.max() == n_slots - 1
+    # Replay as the executor does: an arriving activation (or chunk 0's forward) fills
+    # its slot, the forward reads it, the backward reads it (and its arrived gradient)
+    # and frees it. No slot is overwritten while held.
+    buffers = [[None] * n_slots for _ in range(p)]
+    grads = [[None] * n_slots for _ in range(p)]
+    for t in range(table.num_ticks):
+        for s in range(p):
+            for recv, store in (("recv_f", buffers), ("recv_b", grads)):
+                k = arrays[recv][t, s]
+                if k >= 0:
+                    assert store[s][k] is None, f"{recv} overwrites slot {k}, stage {s}, tick {t}"
+                    store[s][k] = "arrived"
+        for s in range(p):
             a = table.grid[t][s]
             if a is None:
                 assert kind[t, s] == 0 and not arrays["first_chunk"][t, s]
@@ -237,16 +247,15 @@ def test_as_arrays_replays(schedule, p, m):
             g = a.virtual * p + s
             assert arrays["first_chunk"][t, s] == (g == 0)
             assert arrays["last_chunk"][t, s] == (g == p * v - 1)
-            k = slot[t, s]
+            k, held = slot[t, s], (a.microbatch, a.virtual)
             if kind[t, s] == 1:
-                assert buffer[k] is None, f"slot {k} on stage {s} overwritten at tick {t}"
-                buffer[k] = (a.microbatch, a.virtual)
-                used.add(k)
+                assert buffers[s][k] == ("arrived" if g else None), (t, s, k)
+                buffers[s][k] = held
             else:
-                assert buffer[k] == (a.microbatch, a.virtual)
-                buffer[k] = None
-        assert all(b is None for b in buffer)
-        assert len(used) == table.max_in_flight(s)
+                assert buffers[s][k] == held
+                assert grads[s][k] == (None if g == p * v - 1 else "arrived")
+                buffers[s][k] = grads[s][k] = None
+    assert all(b is None for stage in buffers + grads for b in stage)
 
 
 def test_str_chart():

@@ -1,5 +1,6 @@
 """Pipeline parallelism: schedules as data (tick tables) and one executor for any table."""
 
+from ._executor import batch_pipeline_loss as batch_pipeline_loss
 from ._executor import pipeline_loss as pipeline_loss
 from ._plot import plot_schedule as plot_schedule
 from ._schedule import AbstractSchedule as AbstractSchedule

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Literal, final
 
@@ -150,8 +151,11 @@ class TickTable:
 
     @property
     def num_slots(self) -> int:
-        """Activation-buffer slots per device an executor needs: `max_in_flight()`."""
-        return self.max_in_flight()
+        """Activation-buffer slots per device the executor allocates: the most stage
+        inputs one device holds at once, from the tick an input arrives (or, on chunk
+        0, its forward) to its backward. At least `max_in_flight()`; more by the inputs
+        that arrive before their forward can run."""
+        return int(self.as_arrays()["slot"].max(initial=-1)) + 1 if self.grid else 0
 
     def program(self, stage: int) -> list[Action]:
         """The actions of one stage in the order it runs them (idle ticks dropped).
@@ -269,7 +273,14 @@ class TickTable:
         return self
 
     def as_arrays(self) -> dict[str, np.ndarray]:
-        """The table as arrays for an executor, each of shape `(num_ticks, stages)`.
+        """The program an executor runs: the table as arrays of shape `(num_ticks, stages)`.
+
+        This is the one conversion from a table to what `pipeline_loss` executes, and
+        `num_slots` is read from it. Every (microbatch, chunk) on a device owns one
+        buffer slot from the tick its input arrives (the previous chunk's forward ran
+        the tick before; chunk 0: its own forward) to the tick of its backward, which
+        frees it; slots are taken lowest-free-first in order of arrival. The output
+        gradient of that (microbatch, chunk) uses the same slot of a second buffer.
 
         **Returns:**
 
@@ -278,56 +289,46 @@ class TickTable:
         - `"kind"` (int32): 0 idle, 1 forward, 2 backward;
         - `"mb"` (int32): the microbatch;
         - `"virt"` (int32): the virtual-stage (chunk) index on that device;
-        - `"slot"` (int32): the activation-buffer slot of that (microbatch, chunk) on
-          that device, in `[0, num_slots)`: taken (lowest free first) by the forward,
-          read and freed by the matching backward;
+        - `"slot"` (int32): the buffer slot of that (microbatch, chunk) on that device,
+          in `[0, num_slots)`;
         - `"first_chunk"` (bool): the action is on global chunk 0 (its forward reads
           the microbatch input rather than the previous device's output);
         - `"last_chunk"` (bool): the action is on global chunk `p·v - 1` (its forward
-          feeds the loss; its backward starts from the loss gradient).
+          feeds the loss; its backward starts from the loss gradient);
+        - `"recv_f"` (int32): the slot that stores the activation arriving at this tick
+          (sent by the previous chunk's forward one tick earlier), or -1;
+        - `"recv_b"` (int32): the slot that stores the output gradient arriving at this
+          tick (sent by the next chunk's backward one tick earlier), or -1.
 
-        Idle entries hold 0 in the int arrays and `False` in the flags; mask with
-        `kind`.
+        Idle entries hold 0 in the int arrays (-1 in `recv_*`) and `False` in the
+        flags; mask with `kind`. Raises `ValueError` (from `validate()`) for an invalid
+        table.
         """
-        p, v = self.stages, self.virtual
-        shape = (self.num_ticks, p)
-        kind = np.zeros(shape, np.int32)
-        mb = np.zeros(shape, np.int32)
-        virt = np.zeros(shape, np.int32)
-        slot = np.zeros(shape, np.int32)
-        first = np.zeros(shape, bool)
-        last = np.zeros(shape, bool)
-        for s in range(p):
-            free: list[int] = []
-            used = 0
-            held: dict[tuple[int, int], int] = {}
-            for t, row in enumerate(self.grid):
-                a = row[s]
-                if a is None:
-                    continue
-                key = (a.microbatch, a.virtual)
-                if a.kind == "F":
-                    if free:
-                        free.sort()
-                        k = free.pop(0)
-                    else:
-                        k, used = used, used + 1
-                    held[key] = k
-                    kind[t, s] = 1
-                else:
-                    if key not in held:
-                        raise ValueError(
-                            f"as_arrays: tick {t}, stage {s}: {_describe(a, s, p)} has no "
-                            f"earlier forward on this stage; call validate() for details."
-                        )
-                    k = held.pop(key)
-                    free.append(k)
-                    kind[t, s] = 2
-                g = a.virtual * p + s
-                mb[t, s], virt[t, s], slot[t, s] = a.microbatch, a.virtual, k
-                first[t, s] = g == 0
-                last[t, s] = g == p * v - 1
-        return dict(kind=kind, mb=mb, virt=virt, slot=slot, first_chunk=first, last_chunk=last)
+        return {k: a.copy() for k, a in self._program.items()}
+
+    @functools.cached_property
+    def _program(self) -> dict[str, np.ndarray]:
+        self.validate()
+        p, v, ticks = self.stages, self.virtual, self.num_ticks
+        when: dict[tuple[str, int, int], tuple[int, int]] = {}  # (kind, mb, g) -> (t, s)
+        for t, row in enumerate(self.grid):
+            for s, a in enumerate(row):
+                if a is not None:
+                    when[(a.kind, a.microbatch, a.virtual * p + s)] = (t, s)
+        slot_of = _assign_slots(when, p)
+        out = {k: np.zeros((ticks, p), np.int32) for k in ("kind", "mb", "virt", "slot")}
+        out |= {k: np.zeros((ticks, p), bool) for k in ("first_chunk", "last_chunk")}
+        out |= {k: np.full((ticks, p), -1, np.int32) for k in ("recv_f", "recv_b")}
+        for (kind, mb, g), (t, s) in when.items():
+            out["kind"][t, s] = 1 if kind == "F" else 2
+            out["mb"][t, s], out["virt"][t, s] = mb, g // p
+            out["slot"][t, s] = slot_of[(mb, g)]
+            out["first_chunk"][t, s], out["last_chunk"][t, s] = g == 0, g == p * v - 1
+            # What this action sends arrives at the neighbouring chunk's device next tick.
+            to = g + 1 if kind == "F" else g - 1
+            if t + 1 < ticks and 0 <= to < p * v:
+                out["recv_f" if kind == "F" else "recv_b"][t + 1, to % p] = slot_of[(mb, to)]
+        return out
 
     def __str__(self) -> str:
         """A text chart: one line per stage, one column per tick, `.` for idle."""
@@ -345,6 +346,27 @@ class TickTable:
     def _check_stage(self, stage: int):
         if not 0 <= stage < self.stages:
             raise ValueError(f"stage={stage} is out of range for stages={self.stages}.")
+
+
+def _assign_slots(when: dict[tuple[str, int, int], tuple[int, int]], p: int) -> dict:
+    """`(microbatch, global chunk) -> slot` on its device, for the lifetimes
+    `[arrival, backward]` (arrival: the previous chunk's forward tick + 1; chunk 0: its
+    own forward), lowest free slot first in order of arrival."""
+    spans: dict[int, list[tuple[int, int, int, int]]] = {s: [] for s in range(p)}
+    for (kind, mb, g), (t, s) in when.items():
+        if kind == "F":
+            start = t if g == 0 else when[("F", mb, g - 1)][0] + 1
+            spans[s].append((start, when[("B", mb, g)][0], mb, g))
+    slot_of: dict[tuple[int, int], int] = {}
+    for stage_spans in spans.values():
+        busy_until: list[int] = []  # per slot: the tick of the backward that frees it
+        for start, end, mb, g in sorted(stage_spans):
+            slot = next((i for i, b in enumerate(busy_until) if b < start), len(busy_until))
+            if slot == len(busy_until):
+                busy_until.append(end)
+            busy_until[slot] = end
+            slot_of[(mb, g)] = slot
+    return slot_of
 
 
 def _simulate(programs: Sequence[Sequence[Action]], p: int, m: int, v: int) -> TickTable:
