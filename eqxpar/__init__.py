@@ -16,6 +16,7 @@ from ._shard_map import filter_shard_map as filter_shard_map
 from ._sharding import Dims as Dims
 from ._sharding import is_arraylike as is_arraylike
 from ._sharding import partition_specs as partition_specs
+from ._sharding import place as place
 from ._sharding import shard as shard
 from ._sharding import sharded as sharded
 from ._sharding import sharded_init as sharded_init

@@ -45,32 +45,32 @@ def _names(axis: AxisName | None) -> tuple[str, ...]:
     return (axis,) if isinstance(axis, str) else tuple(axis)
 
 
-def axis_size(axis: AxisName | None) -> int | None:
-    """The size of `axis` (a name or tuple of names), or `None` outside `shard_map`.
+def axis_size(axis_name: AxisName | None) -> int | None:
+    """The size of `axis_name` (a name or tuple of names), or `None` outside `shard_map`.
 
-    `axis=None` (a layer that is not split) is never bound.
+    `axis_name=None` (a layer that is not split) is never bound.
     """
-    if not _names(axis):
+    if not _names(axis_name):
         return None
     try:
-        return math.prod(lax.axis_size(a) for a in _names(axis))
+        return math.prod(lax.axis_size(a) for a in _names(axis_name))
     except NameError:
         return None
 
 
-def shard_count(axis: AxisName) -> int:
-    """How many shards `axis` makes here: its size, or 1 outside `shard_map`."""
-    return axis_size(axis) or 1
+def shard_count(axis_name: AxisName) -> int:
+    """How many shards `axis_name` makes here: its size, or 1 outside `shard_map`."""
+    return axis_size(axis_name) or 1
 
 
-def shard_index(axis: AxisName) -> jax.Array | int:
-    """This device's index along `axis` (0 outside `shard_map`)."""
-    return 0 if axis_size(axis) is None else lax.axis_index(axis)
+def shard_index(axis_name: AxisName) -> jax.Array | int:
+    """This device's index along `axis_name` (0 outside `shard_map`)."""
+    return 0 if axis_size(axis_name) is None else lax.axis_index(axis_name)
 
 
-def to_varying(x: jax.Array, axis: AxisName) -> jax.Array:
-    """Marks `x` as varying along `axis` (no communication); a no-op if it already is."""
-    missing = tuple(a for a in _names(axis) if a not in varying_axes(x))
+def to_varying(x: jax.Array, axis_name: AxisName) -> jax.Array:
+    """Marks `x` as varying along `axis_name` (no communication); a no-op if it already is."""
+    missing = tuple(a for a in _names(axis_name) if a not in varying_axes(x))
     return lax.pcast(x, missing, to="varying") if missing else x
 
 
@@ -98,11 +98,11 @@ def _copy_bwd(axis, was_varying, _, g):
 _copy.defvjp(_copy_fwd, _copy_bwd)
 
 
-def copy_to_region(x: jax.Array, axis: AxisName) -> jax.Array:
-    """Megatron's f: identity forward, all-reduce (sum) over `axis` backward."""
-    if axis_size(axis) is None:
+def copy_to_region(x: jax.Array, axis_name: AxisName) -> jax.Array:
+    """Megatron's f: identity forward, all-reduce (sum) over `axis_name` backward."""
+    if axis_size(axis_name) is None:
         return x
-    return checkpoint_name(_copy(x, axis, _is_varying(x, axis)), COLLECTIVE_OUTPUT)
+    return checkpoint_name(_copy(x, axis_name, _is_varying(x, axis_name)), COLLECTIVE_OUTPUT)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -121,11 +121,11 @@ def _reduce_bwd(axis, _, g):
 _reduce.defvjp(_reduce_fwd, _reduce_bwd)
 
 
-def reduce_from_region(x: jax.Array, axis: AxisName) -> jax.Array:
-    """Megatron's g: all-reduce (sum) over `axis` forward, identity backward."""
-    if axis_size(axis) is None:
+def reduce_from_region(x: jax.Array, axis_name: AxisName) -> jax.Array:
+    """Megatron's g: all-reduce (sum) over `axis_name` forward, identity backward."""
+    if axis_size(axis_name) is None:
         return x
-    return checkpoint_name(_reduce(to_varying(x, axis), axis), COLLECTIVE_OUTPUT)
+    return checkpoint_name(_reduce(to_varying(x, axis_name), axis_name), COLLECTIVE_OUTPUT)
 
 
 # -- gather / split along a dim ---------------------------------------------------------
@@ -153,11 +153,13 @@ def _gather_bwd(axis, dim, _, g):
 _gather.defvjp(_gather_fwd, _gather_bwd)
 
 
-def gather_from_region(x: jax.Array, axis: AxisName, dim: int = -1) -> jax.Array:
+def gather_from_region(x: jax.Array, axis_name: AxisName, dim: int = -1) -> jax.Array:
     """All-gather along `dim` (result identical on every device); backward: split."""
-    if axis_size(axis) is None:
+    if axis_size(axis_name) is None:
         return x
-    return checkpoint_name(_gather(to_varying(x, axis), axis, dim % x.ndim), COLLECTIVE_OUTPUT)
+    return checkpoint_name(
+        _gather(to_varying(x, axis_name), axis_name, dim % x.ndim), COLLECTIVE_OUTPUT
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
@@ -177,11 +179,13 @@ def _scatter_bwd(axis, dim, was_varying, _, g):
 _scatter.defvjp(_scatter_fwd, _scatter_bwd)
 
 
-def scatter_to_region(x: jax.Array, axis: AxisName, dim: int = -1) -> jax.Array:
+def scatter_to_region(x: jax.Array, axis_name: AxisName, dim: int = -1) -> jax.Array:
     """Keep this device's block of `dim`; backward: all-gather along `dim`."""
-    if axis_size(axis) is None:
+    if axis_size(axis_name) is None:
         return x
-    return checkpoint_name(_scatter(x, axis, dim % x.ndim, _is_varying(x, axis)), COLLECTIVE_OUTPUT)
+    return checkpoint_name(
+        _scatter(x, axis_name, dim % x.ndim, _is_varying(x, axis_name)), COLLECTIVE_OUTPUT
+    )
 
 
 # -- sequence parallelism ---------------------------------------------------------------
@@ -203,11 +207,13 @@ def _seq_gather_bwd(axis, dim, _, g):
 _seq_gather.defvjp(_seq_gather_fwd, _seq_gather_bwd)
 
 
-def gather_from_sequence(x: jax.Array, axis: AxisName, dim: int = -2) -> jax.Array:
+def gather_from_sequence(x: jax.Array, axis_name: AxisName, dim: int = -2) -> jax.Array:
     """All-gather sequence shards along `dim`; backward: reduce-scatter along `dim`."""
-    if axis_size(axis) is None:
+    if axis_size(axis_name) is None:
         return x
-    return checkpoint_name(_seq_gather(to_varying(x, axis), axis, dim % x.ndim), COLLECTIVE_OUTPUT)
+    return checkpoint_name(
+        _seq_gather(to_varying(x, axis_name), axis_name, dim % x.ndim), COLLECTIVE_OUTPUT
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -226,12 +232,14 @@ def _seq_scatter_bwd(axis, dim, _, g):
 _seq_scatter.defvjp(_seq_scatter_fwd, _seq_scatter_bwd)
 
 
-def reduce_scatter_to_sequence(x: jax.Array, axis: AxisName, dim: int = -2) -> jax.Array:
+def reduce_scatter_to_sequence(x: jax.Array, axis_name: AxisName, dim: int = -2) -> jax.Array:
     """Sum partial results and keep this device's sequence block of `dim`; backward:
     all-gather along `dim`."""
-    if axis_size(axis) is None:
+    if axis_size(axis_name) is None:
         return x
-    return checkpoint_name(_seq_scatter(to_varying(x, axis), axis, dim % x.ndim), COLLECTIVE_OUTPUT)
+    return checkpoint_name(
+        _seq_scatter(to_varying(x, axis_name), axis_name, dim % x.ndim), COLLECTIVE_OUTPUT
+    )
 
 
 # -- collective matmuls -----------------------------------------------------------------
@@ -271,7 +279,7 @@ def _halves(x: jax.Array, dim: int) -> tuple[jax.Array, jax.Array]:
 
 
 def all_gather_matmul(
-    x: jax.Array, weight: jax.Array, axis: AxisName, *, dim: int = -2, direction: Direction
+    x: jax.Array, weight: jax.Array, axis_name: AxisName, *, dim: int = -2, direction: Direction
 ) -> jax.Array:
     """`all_gather(x, dim) @ weight.T` as a ring of `ppermute`s overlapped with matmuls.
 
@@ -283,7 +291,7 @@ def all_gather_matmul(
 
     - `x`: per-shard `(*batch, seq_shard, in)`, the sequence block along `dim`.
     - `weight`: per-shard `(out_shard, in)`, the dense layout of `eqx.nn.Linear`.
-    - `axis`: the mesh axis the sequence is split over.
+    - `axis_name`: the mesh axis the sequence is split over.
     - `dim`: the sequence dim of `x` (negative, counted from the end).
     - `direction`: `"unidirectional"` or `"bidirectional"`.
 
@@ -292,15 +300,15 @@ def all_gather_matmul(
     Per-shard `(*batch, seq, out_shard)`. Issues `t - 1` collective-permutes per ring
     and no all-gather.
     """
-    n = axis_size(axis)
+    n = axis_size(axis_name)
     if n is None:
         return x @ weight.T
     weight = _vary_like(weight, x)
-    me = lax.axis_index(axis)
+    me = lax.axis_index(axis_name)
     dim = dim % x.ndim
     block = x.shape[dim]
     out = jnp.zeros((*x.shape[:dim], block * n, *x.shape[dim + 1 : -1], weight.shape[0]), x.dtype)
-    out = to_varying(out, axis)
+    out = to_varying(out, axis_name)
     rings = (
         [(x, 1, 0)]
         if direction == "unidirectional"
@@ -308,7 +316,7 @@ def all_gather_matmul(
     )
     for i in range(n):
         for r, (chunk, step, offset) in enumerate(rings):
-            nxt = _shift(chunk, axis, step) if i < n - 1 else chunk
+            nxt = _shift(chunk, axis_name, step) if i < n - 1 else chunk
             source = (me - step * i) % n
             out = lax.dynamic_update_slice_in_dim(
                 out, chunk @ weight.T, source * block + offset, axis=dim
@@ -318,7 +326,7 @@ def all_gather_matmul(
 
 
 def matmul_reduce_scatter(
-    x: jax.Array, weight: jax.Array, axis: AxisName, *, dim: int = -2, direction: Direction
+    x: jax.Array, weight: jax.Array, axis_name: AxisName, *, dim: int = -2, direction: Direction
 ) -> jax.Array:
     """`psum_scatter(x @ weight.T, dim)` as a ring of `ppermute`s overlapped with matmuls.
 
@@ -330,7 +338,7 @@ def matmul_reduce_scatter(
 
     - `x`: per-shard `(*batch, seq, in_shard)`, the full sequence.
     - `weight`: per-shard `(out, in_shard)`.
-    - `axis`: the mesh axis the sequence is split over.
+    - `axis_name`: the mesh axis the sequence is split over.
     - `dim`: the sequence dim of `x` (negative, counted from the end).
     - `direction`: `"unidirectional"` or `"bidirectional"`.
 
@@ -339,11 +347,11 @@ def matmul_reduce_scatter(
     Per-shard `(*batch, seq_shard, out)`. Issues `t - 1` collective-permutes per ring
     and no reduce-scatter or all-reduce.
     """
-    n = axis_size(axis)
+    n = axis_size(axis_name)
     if n is None:
         return x @ weight.T
     weight = _vary_like(weight, x)
-    me = lax.axis_index(axis)
+    me = lax.axis_index(axis_name)
     dim = dim % x.ndim
     block = x.shape[dim] // n
     halves = direction == "bidirectional"
@@ -358,6 +366,6 @@ def matmul_reduce_scatter(
             target = (me - step * (i + 1)) % n
             part = lax.dynamic_slice_in_dim(x, target * block + offset, width, axis=dim)
             part = part @ weight.T
-            acc = part if acc is None else _shift(acc, axis, step) + part
+            acc = part if acc is None else _shift(acc, axis_name, step) + part
         results.append(acc)
     return results[0] if len(results) == 1 else jnp.concatenate(results, axis=dim)

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 from jax.tree_util import keystr
 
 from ._mesh import describe_mesh
-from ._sharding import check_spec, partition_specs
+from ._sharding import owner, partition_specs, raise_problems, spec_problem
 
 
 class _Pair:
@@ -46,6 +46,7 @@ def _expand(
             f"do not match: {e}"
         ) from None
     out: list = []
+    problems: list = []
     for prefix, pair in jax.tree_util.tree_leaves_with_path(pairs):
         spec, sub = pair.spec, pair.sub
         flat = jax.tree_util.tree_leaves_with_path(sub)
@@ -59,10 +60,15 @@ def _expand(
                 out.append(None)
                 continue
             where = f"{root}{keystr(prefix)}{keystr(path)}"
-            check_spec(leaf_spec, leaf, mesh, where, divisible=divisible)
+            problem = spec_problem(leaf_spec, leaf, mesh, divisible=divisible)
+            if problem is not None:
+                held = owner(tree, (*prefix, *path), problem[0])
+                error = TypeError if not isinstance(leaf_spec, P) else ValueError
+                problems.append((error, f"{where}{f' ({held})' if held else ''}: {problem[1]}"))
             out.append(leaf_spec)
             if names is not None:
                 names.append(where)
+    raise_problems(problems, root, mesh)
     return out
 
 

@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import functools
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -192,29 +193,23 @@ def _axes_of(entry: AxisName) -> tuple[str, ...]:
     return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def check_spec(spec: Any, leaf: Any, mesh: Any, where: str, *, divisible: bool = True) -> None:
-    """Raises a clear error if `spec` cannot shard `leaf` on `mesh`.
-
-    **Arguments:**
-
-    - `spec`: a `PartitionSpec`.
-    - `leaf`: the array (or abstract array) it applies to.
-    - `mesh`: a `Mesh` or `AbstractMesh`.
-    - `where`: the leaf's name for the message, e.g. `in_specs[0].weight`.
-    - `divisible`: also check that each sharded dim divides by its axes' sizes.
-    """
+def spec_problem(
+    spec: Any, leaf: Any, mesh: Any, *, divisible: bool = True
+) -> tuple[int | None, str] | None:
+    """Why `spec` cannot shard `leaf` on `mesh`: `(dim or None, message)`, or `None`
+    if it can. The message starts after the leaf's name (`"dim 0 has size ..."`)."""
     sizes = dict(mesh.shape)
     shown = describe_mesh(mesh)
     if not isinstance(spec, P):
-        raise TypeError(
-            f"{where}: expected a jax.sharding.PartitionSpec or None, got {spec!r}. "
-            f"Use P(...) from jax.sharding, or None for the module's declared specs."
+        return None, (
+            f"expected a jax.sharding.PartitionSpec or None, got {spec!r}. Use P(...) from "
+            f"jax.sharding, or None for the module's declared specs."
         )
     shape = tuple(leaf.shape)
     if len(spec) > len(shape):
-        raise ValueError(
-            f"{where}: spec {spec} has {len(spec)} entries but the array has shape {shape} "
-            f"(rank {len(shape)}). Use at most {len(shape)} entries, e.g. "
+        return None, (
+            f"spec {spec} has {len(spec)} entries but the array has shape {shape} (rank "
+            f"{len(shape)}). Use at most {len(shape)} entries, e.g. "
             f"P{tuple(spec)[: len(shape)]}."
         )
     seen: set[str] = set()
@@ -224,36 +219,96 @@ def check_spec(spec: Any, leaf: Any, mesh: Any, where: str, *, divisible: bool =
             if axis not in sizes:
                 guess = difflib.get_close_matches(str(axis), list(sizes), n=1)
                 fix = f"did you mean {guess[0]!r}?" if guess else "use one of the mesh's axes."
-                raise ValueError(
-                    f"{where}: spec {spec} names mesh axis {axis!r}, but the mesh is "
-                    f"{shown} with axes {tuple(sizes)}; {fix}"
+                return dim, (
+                    f"spec {spec} names mesh axis {axis!r}, but the mesh is {shown} with "
+                    f"axes {tuple(sizes)}; {fix}"
                 )
             if axis in seen:
-                raise ValueError(
-                    f"{where}: spec {spec} uses mesh axis {axis!r} twice; an axis can "
-                    f"shard at most one dim."
+                return dim, (
+                    f"spec {spec} uses mesh axis {axis!r} twice; an axis can shard at most one dim."
                 )
             seen.add(axis)
         parts = math.prod(sizes[a] for a in axes)
         if divisible and parts > 1 and shape[dim] % parts:
-            raise ValueError(
-                f"{where}: dim {dim} has size {shape[dim]}, which {shown} cannot split "
-                f"{parts} ways over {axes}. Make the size a multiple of {parts}, or change "
-                f"the mesh so that {' x '.join(axes)} divides {shape[dim]}."
+            return dim, (
+                f"dim {dim} has size {shape[dim]}, which {shown} cannot split {parts} ways "
+                f"over {axes}. Make the size a multiple of {parts}, or change the mesh so "
+                f"that {' x '.join(axes)} divides {shape[dim]}."
             )
+    return None
 
 
-def _check_tree(tree: Any, specs: Any, mesh: Any, root: str) -> None:
+def owner(tree: Any, path: tuple, dim: int | None = None) -> str:
+    """`"ColumnParallelLinear.weight, out_features=12"`: the module and field that hold
+    the array at `path` in `tree`, and the module's static int fields equal to the size
+    of `dim` (the sizes that make it), for error messages. `""` when no module owns it."""
+    node, found = tree, ""
+    for key in path:
+        if isinstance(node, eqx.Module) and isinstance(key, GetAttrKey):
+            found = f"{type(node).__name__}.{key.name}"
+            holder = node
+        node = _child(node, key)
+        if node is None:
+            break
+    if not found or dim is None or node is None or not is_arraylike(node):
+        return found
+    size = node.shape[dim] if dim < node.ndim else None
+    fields = [
+        f"{f.name}={getattr(holder, f.name)}"
+        for f in dataclasses.fields(holder)
+        if f.metadata.get("static")
+        and getattr(holder, f.name, None) == size
+        and isinstance(getattr(holder, f.name), int)
+        and not isinstance(getattr(holder, f.name), bool)
+    ]
+    return ", ".join([found, *fields])
+
+
+def raise_problems(problems: list[tuple[type, str]], what: str, mesh: Any) -> None:
+    """Raises one error listing every offending leaf (as `jax.shard_map` does); a single
+    problem keeps its one-line message."""
+    if not problems:
+        return
+    if len(problems) == 1:
+        error, message = problems[0]
+        raise error(message)
+    error = TypeError if all(e is TypeError for e, _ in problems) else ValueError
+    lines = "\n".join(f"  - {message.removeprefix(what + ': ')}" for _, message in problems)
+    raise error(
+        f"{what}: {len(problems)} arrays cannot be placed on {describe_mesh(mesh)}:\n{lines}"
+    )
+
+
+def leaf_problems(
+    tree: Any, specs: Any, mesh: Any, root: str, *, divisible: bool = True
+) -> list[tuple[type, str]]:
+    """`(error type, message)` for every array of `tree` whose spec does not fit `mesh`,
+    each named by key path and owning layer field."""
+    problems = []
     for (path, leaf), spec in zip(
         jax.tree_util.tree_leaves_with_path(tree),
         jax.tree.structure(tree).flatten_up_to(specs),
         strict=True,
     ):
-        if is_arraylike(leaf):
-            check_spec(spec, leaf, mesh, f"{root}{keystr(path)}")
+        if not is_arraylike(leaf):
+            continue
+        problem = spec_problem(spec, leaf, mesh, divisible=divisible)
+        if problem is not None:
+            dim, message = problem
+            held = owner(tree, path, dim)
+            where = f"{root}{keystr(path)}" + (f" ({held})" if held else "")
+            problems.append(
+                (TypeError if not isinstance(spec, P) else ValueError, f"{where}: {message}")
+            )
+    return problems
 
 
-def shard(tree: T, mesh: Any, specs: Any = None) -> T:
+def check_tree(tree: Any, specs: Any, mesh: Any, root: str) -> None:
+    """Raises one error naming every array of `tree` that its spec cannot place."""
+    raise_problems(leaf_problems(tree, specs, mesh, root), root.split(":")[0], mesh)
+
+
+def place(tree: T, mesh: Any, specs: Any = None) -> T:
     """Places every array of `tree` on `mesh` according to its declared specs.
 
     **Arguments:**
@@ -265,16 +320,28 @@ def shard(tree: T, mesh: Any, specs: Any = None) -> T:
 
     **Returns:**
 
-    The same tree, with each array a `jax.Array` carrying a `NamedSharding`. Raises a
-    `ValueError` naming the leaf if a dim does not divide by its axes' sizes.
+    The same tree, with each array a `jax.Array` carrying a `NamedSharding`. Raises one
+    `ValueError` naming every array (key path, layer and field) whose dim does not
+    divide by its axes' sizes.
     """
     specs = partition_specs(tree) if specs is None else specs
-    _check_tree(tree, specs, mesh, "shard: tree")
+    check_tree(tree, specs, mesh, "place: tree")
 
     def place(leaf, spec):
         return jax.device_put(leaf, NamedSharding(mesh, spec)) if eqx.is_array(leaf) else leaf
 
     return jax.tree.map(place, tree, specs, is_leaf=lambda x: x is None)
+
+
+def shard(tree: T, mesh: Any, specs: Any = None) -> T:
+    """Deprecated: the same as `eqxpar.place` (renamed so that placing, `place`, is not
+    confused with declaring, `sharded`)."""
+    warnings.warn(
+        "eqxpar.shard is deprecated; use eqxpar.place (same arguments).",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return place(tree, mesh, specs)
 
 
 def sharded_init(make: Callable[..., T], /, *args: Any, mesh: Any, **kwargs: Any) -> T:
@@ -299,7 +366,7 @@ def sharded_init(make: Callable[..., T], /, *args: Any, mesh: Any, **kwargs: Any
     """
     abstract = eqx.filter_eval_shape(make, *args, **kwargs)
     specs = partition_specs(abstract)
-    _check_tree(abstract, specs, mesh, f"sharded_init({getattr(make, '__name__', make)})")
+    check_tree(abstract, specs, mesh, f"sharded_init({getattr(make, '__name__', make)})")
     _, static_out = eqx.partition(abstract, is_arraylike)
     dyn_specs = jax.tree.map(
         lambda s, x: s if is_arraylike(x) else None, specs, abstract, is_leaf=lambda x: x is None

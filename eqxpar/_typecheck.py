@@ -25,25 +25,38 @@ class ShardShapeError(TypeError):
     """A per-shard array does not have the size its layer expects on this mesh."""
 
 
-class set_typecheck:
-    """Turns eqxpar's runtime shape checks on or off; usable as a context manager.
+class _Restore:
+    """Returned by `set_typecheck`: the new setting already holds; leaving a `with`
+    block restores the previous one."""
 
-    **Arguments:**
+    def __init__(self, previous: bool):
+        self._previous = previous
 
-    - `enabled`: whether annotated functions are checked when traced.
-    """
-
-    def __init__(self, enabled: bool):
-        global _enabled
-        self._previous = _enabled
-        _enabled = bool(enabled)
-
-    def __enter__(self) -> set_typecheck:
+    def __enter__(self) -> _Restore:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         global _enabled
         _enabled = self._previous
+
+
+def set_typecheck(enabled: bool) -> _Restore:
+    """Turns eqxpar's runtime shape checks on or off, at once.
+
+    Also usable as a context manager, `with eqxpar.set_typecheck(False): ...`, which
+    restores the previous setting on leaving the block.
+
+    **Arguments:**
+
+    - `enabled`: whether annotated functions are checked when traced.
+
+    **Returns:**
+
+    A context manager that restores the previous setting on exit.
+    """
+    global _enabled
+    previous, _enabled = _enabled, bool(enabled)
+    return _Restore(previous)
 
 
 def typecheck_enabled() -> bool:

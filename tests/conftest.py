@@ -5,9 +5,18 @@ The device count is set through `jax.config` before any backend starts; importin
 """
 
 import itertools
+import os
 
-import jax
-import pytest
+# The suite compiles hundreds of small programs, and LLVM's optimisation passes are
+# most of XLA:CPU's compile time. Skip them (XLA's own HLO passes, which decide the
+# collectives the tests count, still run). XLA reads this when its backend starts,
+# so it is set before JAX is imported; example subprocesses inherit it.
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]
+).strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_num_cpu_devices", 8)

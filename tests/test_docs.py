@@ -7,6 +7,8 @@ opened with ```text title="Output" must print exactly that text. Tracebacks give
 page's own line numbers.
 """
 
+import __future__
+
 import contextlib
 import dataclasses
 import io
@@ -125,3 +127,39 @@ def test_page(page: str):
                 )
     finally:
         del sys.modules[module.__name__]
+
+
+PUBLIC = (
+    "eqxpar",
+    "eqxpar.cli",
+    "eqxpar.collectives",
+    "eqxpar.nn",
+    "eqxpar.pipeline",
+    "eqxpar.profile",
+    "eqxpar.train",
+    "models",
+)
+
+
+def test_api_reference_lists_every_public_name():
+    import importlib
+
+    text = (DOCS / "api.md").read_text()
+    rendered = set(re.findall(r"^::: ([\w.]+)", text, re.M))
+    missing, stale = [], []
+    for name in PUBLIC:
+        module = importlib.import_module(name)
+        for attr in sorted(getattr(module, "__all__", vars(module))):
+            value = getattr(module, attr)
+            if attr.startswith("_") or isinstance(value, types.ModuleType | __future__._Feature):
+                continue
+            full = f"{name}.{attr}"
+            # Rendered from its docstring, or (constants, deprecated aliases) named in text.
+            if full not in rendered and f"`{full}`" not in text:
+                missing.append(full)
+    for full in rendered:
+        module, _, attr = full.rpartition(".")
+        if not hasattr(importlib.import_module(module), attr):
+            stale.append(full)
+    assert not missing, f"public names missing from docs/api.md: {missing}"
+    assert not stale, f"docs/api.md documents names that no longer exist: {stale}"

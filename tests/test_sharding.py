@@ -80,19 +80,33 @@ def test_declaration_on_missing_attribute():
 
 def test_shard_places_by_declaration(getkey):
     mesh = ep.make_mesh(data=2, tensor=4)
-    block = ep.shard(Block(6, 8, key=getkey()), mesh)
+    block = ep.place(Block(6, 8, key=getkey()), mesh)
     assert block.up.weight.sharding.spec == P("tensor")
     assert {s.data.shape for s in block.up.weight.addressable_shards} == {(2, 6)}
     assert {s.data.shape for s in block.down.weight.addressable_shards} == {(6, 2)}
 
 
+def test_shard_is_the_deprecated_name_of_place(getkey):
+    mesh = ep.make_mesh(data=2, tensor=4)
+    block = Block(6, 8, key=getkey())
+    with pytest.warns(DeprecationWarning, match="use eqxpar.place"):
+        old = ep.shard(block, mesh)
+    assert old.up.weight.sharding == ep.place(block, mesh).up.weight.sharding
+
+
 def test_shard_rejects_indivisible(getkey):
     mesh = ep.make_mesh(data=2, tensor=4)
     with pytest.raises(ValueError) as err:
-        ep.shard(Block(6, 10, key=getkey()), mesh)
+        ep.place(Block(6, 10, key=getkey()), mesh)
     msg = str(err.value)
     assert "tree.up.weight" in msg and "size 10" in msg and "'tensor': 4" in msg
     assert "multiple of 4" in msg
+    # Every offending array in one message, each with its layer, field and the sizes
+    # that make the dim: the column layer's weight and bias, the row layer's weight.
+    assert msg.startswith("place: 3 arrays cannot be placed on Mesh(")
+    assert "tree.up.weight (ColumnParallelLinear.weight, out_features=10): dim 0" in msg
+    assert "tree.up.bias (ColumnParallelLinear.bias, out_features=10): dim 0" in msg
+    assert "tree.down.weight (RowParallelLinear.weight, in_features=10): dim 1" in msg
 
 
 def test_construction_checks_divisibility_under_set_mesh(getkey):

@@ -16,7 +16,7 @@ B, S, H = 2, 16, 6  # an activation is b*s*h floats
 
 
 def compile_mlp(mesh, *, grad, **kw):
-    mlp = ep.shard(MLP(H, 24, **kw, key=jax.random.key(0)), mesh)
+    mlp = ep.place(MLP(H, 24, **kw, key=jax.random.key(0)), mesh)
     spec = P("data", "tensor") if kw.get("sequence_parallel") else P("data")
     fn = ep.filter_shard_map(lambda m, x: m(x), mesh=mesh, in_specs=(None, spec), out_specs=spec)
     x = jnp.ones((B * mesh.shape["data"], S, H))
@@ -82,7 +82,7 @@ def test_async_uses_only_collective_permutes(direction, rings, tensor):
 def test_vocab_loss_never_builds_full_logits():
     vocab, batch, tensor = 40, 6, 4
     mesh = mesh_of(1, tensor)
-    head = ep.shard(ColumnParallelLinear(5, vocab, use_bias=False, key=jax.random.key(0)), mesh)
+    head = ep.place(ColumnParallelLinear(5, vocab, use_bias=False, key=jax.random.key(0)), mesh)
 
     def loss(head, x, y):
         return jnp.mean(vocab_parallel_cross_entropy(head(x), y))

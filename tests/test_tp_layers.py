@@ -53,7 +53,7 @@ def parity(model, x, mesh, in_spec, out_spec, parallel_fn, dense_model, dense_fn
         grads = eqx.filter_grad(lambda mx: jnp.sum(sharded(*mx) * ct))((m, x))
         return y, grads
 
-    y, (g_model, g_x) = run(ep.shard(model, mesh), x)
+    y, (g_model, g_x) = run(ep.place(model, mesh), x)
     want_model, want_x = eqx.filter_grad(lambda mx: jnp.sum(dense_fn(*mx) * ct))((dense_model, x))
     assert_trees_close(y, y_dense)
     if eqx.is_inexact_array(x):

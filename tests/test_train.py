@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import optax
 import pytest
 from helpers import assert_trees_close, mesh_of
+from jax.sharding import PartitionSpec as P
 
 import eqxpar as ep
 from eqxpar.profile import count_collectives
@@ -184,6 +185,41 @@ def test_fsdp_gathers_per_layer_and_reduce_scatters():
     # The layer weights are gathered inside the scanned loop: one layer at a time.
     in_loop = [r for r in report.records if r.kind == "all-gather" and r.count > 1]
     assert in_loop and all(r.count % CONFIG.num_layers == 0 for r in in_loop)
+
+
+def test_a_weight_split_over_data_by_mistake_is_refused():
+    # FSDP is the train step's plan, never guessed from shapes: a column-parallel
+    # weight passed with P("tensor", "data") is an error naming the layer, not an
+    # all-gather.
+    mesh = mesh_of(data=2, tensor=4)
+    linear = ep.nn.ColumnParallelLinear(6, 12, use_bias=False, key=jax.random.key(0))
+    wrong = eqx.tree_at(lambda m: m.weight, ep.partition_specs(linear), P("tensor", "data"))
+    run = ep.filter_shard_map(
+        lambda m, x: jax.lax.psum(jnp.sum(m(x)), "tensor"),
+        mesh=mesh,
+        in_specs=(wrong, P()),
+        out_specs=P(),
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"ColumnParallelLinear.weight: dim 1 has size 3 .* "
+        r"block of it is 6 .* Pass the module with its declared specs",
+    ):
+        run(linear, jnp.ones((5, 6)))
+    # The same weight, split by the train step's plan: wrapped in an FSDPShard.
+    shard = eqx.tree_at(
+        lambda m: m.weight, linear, replace_fn=lambda w: ep.nn.FSDPShard(w, "data", -1)
+    )
+    got = ep.filter_shard_map(
+        lambda m, x: jax.lax.pmean(jax.lax.psum(jnp.sum(m(x)), "tensor"), "data"),
+        mesh=mesh,
+        in_specs=(
+            eqx.tree_at(lambda m: m.weight, ep.partition_specs(shard), P("tensor", "data")),
+            P(),
+        ),
+        out_specs=P(),
+    )(shard, jnp.ones((5, 6)))
+    assert jnp.allclose(got, jnp.sum(linear(jnp.ones((5, 6)))), rtol=1e-5)
 
 
 @pytest.mark.usefixtures("optax_promotion")

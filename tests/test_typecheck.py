@@ -47,6 +47,13 @@ def test_switch_turns_checks_off(getkey):
         with pytest.raises(TypeError, match="dot_general"):
             col(jnp.ones((2, 7)))
     assert ep.typecheck_enabled()
+    # A plain call switches at once, for the rest of the process.
+    ep.set_typecheck(False)
+    try:
+        assert not ep.typecheck_enabled()
+    finally:
+        ep.set_typecheck(True)
+    assert ep.typecheck_enabled()
 
 
 def test_checks_run_only_at_trace_time(getkey, monkeypatch):

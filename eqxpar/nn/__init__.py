@@ -3,6 +3,7 @@
 from ._attention import KVCache as KVCache
 from ._attention import ParallelAttention as ParallelAttention
 from ._attention import rotary as rotary
+from ._common import FSDPShard as FSDPShard
 from ._common import local_param as local_param
 from ._common import regather_in_backward as regather_in_backward
 from ._dropout import indexed_dropout as indexed_dropout
@@ -16,3 +17,7 @@ from ._loss import vocab_parallel_cross_entropy as vocab_parallel_cross_entropy
 from ._mlp import ParallelMLP as ParallelMLP
 from ._norm import LayerNorm as LayerNorm
 from ._norm import RMSNorm as RMSNorm
+from ._stack import REMAT as REMAT
+from ._stack import Remat as Remat
+from ._stack import remat as remat
+from ._stack import scan_layers as scan_layers

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from .._collectives import axis_size, shard_count
-from .._mesh import DATA, describe_mesh
+from .._collectives import shard_count
+from .._mesh import describe_mesh
 
 COLLECTIVE_MATMUL = (None, "unidirectional", "bidirectional")
 
@@ -49,34 +48,51 @@ def check_divisible(layer: str, field: str, size: int, axis_name: Any) -> None:
         )
 
 
-_FSDP_AXIS: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "eqxpar_fsdp_axis", default=DATA
-)
+class FSDPShard(eqx.Module):
+    """A parameter stored split over the FSDP axis, as the train step's plan says.
+
+    `eqxpar.train.make_train_step(..., strategy="fsdp")` wraps each parameter its plan
+    splits (`LeafPlan.param_split`) in an `FSDPShard` before calling the loss, so the
+    layer that uses it knows, without guessing from shapes, that it must all-gather
+    `value` over `axis` along `dim` (see `local_param`). Nothing else is ever gathered:
+    a plain array that arrives with the wrong shape raises instead.
+
+    **Fields:**
+
+    - `value`: this device's shard of the parameter.
+    - `axis`: the mesh axis it is split over (the strategy's data axis).
+    - `dim`: the split dim, counted from the end (negative), so it stays right when
+      stacked-layer dims in front are indexed away by a scan.
+    """
+
+    value: jax.Array
+    axis: str = eqx.field(static=True)
+    dim: int = eqx.field(static=True)
+
+    def __check_init__(self):
+        if self.dim >= 0:
+            raise ValueError(f"FSDPShard(dim={self.dim}): count the dim from the end (< 0).")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.value.shape)
 
 
-@contextlib.contextmanager
-def fsdp_axis(name: str | None) -> Iterator[None]:
-    """Sets the mesh axis FSDP shards parameters over (default `"data"`; `None`: off)."""
-    token = _FSDP_AXIS.set(name)
-    try:
-        yield
-    finally:
-        _FSDP_AXIS.reset(token)
-
-
-def local_param(layer: str, name: str, array: jax.Array, expected: tuple[int, ...]) -> jax.Array:
-    """This device's block of a parameter, all-gathered over the FSDP axis if needed.
+def local_param(
+    layer: str, name: str, array: jax.Array | FSDPShard, expected: tuple[int, ...]
+) -> jax.Array:
+    """This device's block of a parameter, all-gathered first if it is an `FSDPShard`.
 
     Inside `shard_map` a layer's parameter must be its tensor-parallel block,
-    `expected`. Under FSDP one dim may also arrive split over the FSDP axis: it is
-    all-gathered here, at the point of use, so only the layer being computed is ever
-    whole (inside a scanned stack: one layer at a time). The transpose of that gather
-    is the reduce-scatter of the gradient.
+    `expected`. Under FSDP the train step passes it as an `FSDPShard`: it is
+    all-gathered here over its axis, at the point of use, so only the layer being
+    computed is ever whole (inside a scanned stack: one layer at a time). The transpose
+    of that gather is the reduce-scatter of the gradient.
 
     **Arguments:**
 
     - `layer`, `name`: for messages, e.g. `"ColumnParallelLinear"`, `"weight"`.
-    - `array`: the parameter as this device holds it.
+    - `array`: the parameter as this device holds it (an array or an `FSDPShard`).
     - `expected`: its tensor-parallel block shape.
 
     **Returns:**
@@ -84,15 +100,10 @@ def local_param(layer: str, name: str, array: jax.Array, expected: tuple[int, ..
     The `expected`-shaped block. Raises `ValueError` naming the dim if the array was
     passed with the wrong specs.
     """
-    shape = tuple(array.shape)
-    axis = _FSDP_AXIS.get()
-    n = axis_size(axis) if axis is not None else None
-    if n and len(shape) == len(expected):
-        for dim, (have, want) in enumerate(zip(shape, expected, strict=True)):
-            if have != want and have * n == want:
-                array = jax.lax.all_gather(array, axis, axis=dim, tiled=True)
-                array = checkpoint_name(array, FSDP_GATHERED)
-                break
+    if isinstance(array, FSDPShard):
+        gathered = jax.lax.all_gather(array.value, array.axis, axis=array.dim, tiled=True)
+        array = checkpoint_name(gathered, FSDP_GATHERED)
+    assert not isinstance(array, FSDPShard)
     for dim, (have, want) in enumerate(zip(array.shape, expected, strict=True)):
         if have != want:
             raise ValueError(
@@ -108,21 +119,17 @@ FSDP_GATHERED = "eqxpar.fsdp_gathered"
 """The `checkpoint_name` of every FSDP all-gather's result, for remat policies."""
 
 
-def regather_in_backward(
-    fn: Callable[..., Any], param: jax.Array, expected: tuple[int, ...], *args: Any
-) -> Any:
+def regather_in_backward(fn: Callable[..., Any], param: jax.Array | FSDPShard, *args: Any) -> Any:
     """`fn(param, *args)`, without keeping an FSDP-gathered `param` for the backward pass.
 
-    When `param` arrives split over the FSDP axis (its shape is not `expected`), `fn` runs
-    under `jax.checkpoint` saving only its inputs, so the backward pass all-gathers the
-    weight again from the shard — ZeRO-3's second gather — instead of holding every
-    layer's whole weights from the forward pass to the backward pass. For a linear
-    layer nothing else is recomputed but what the backward needs (the weight; with
-    sequence parallelism also the gathered input, as Megatron does). Otherwise it is
-    just `fn(param, *args)`.
+    When `param` is an `FSDPShard`, `fn` runs under `jax.checkpoint` saving only its
+    inputs, so the backward pass all-gathers the weight again from the shard — ZeRO-3's
+    second gather — instead of holding every layer's whole weights from the forward
+    pass to the backward pass. For a linear layer nothing else is recomputed but what
+    the backward needs (the weight; with sequence parallelism also the gathered input,
+    as Megatron does). Otherwise it is just `fn(param, *args)`.
     """
-    axis = _FSDP_AXIS.get()
-    if tuple(param.shape) == tuple(expected) or axis is None or axis_size(axis) is None:
+    if not isinstance(param, FSDPShard):
         return fn(param, *args)
     policy = jax.checkpoint_policies.nothing_saveable
     return jax.checkpoint(fn, policy=policy, prevent_cse=False)(param, *args)

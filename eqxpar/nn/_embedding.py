@@ -140,7 +140,6 @@ class VocabParallelEmbedding(eqx.Module):
                     collective_matmul=collective_matmul,
                 ),
                 self.weight,
-                block,
                 x,
             )
 

@@ -186,7 +186,6 @@ class ColumnParallelLinear(eqx.Module):
                     collective_matmul=self.collective_matmul,
                 ),
                 self.weight,
-                block,
                 x,
             )
             if self.bias is not None:
@@ -304,7 +303,7 @@ class RowParallelLinear(eqx.Module):
                     return reduce_scatter_to_sequence(x @ weight.T, axis, dim=-2)
                 return reduce_from_region(x @ weight.T, axis)
 
-            y = regather_in_backward(matmul, self.weight, block, x)
+            y = regather_in_backward(matmul, self.weight, x)
             if self.bias is not None:
                 # Under SP each device adds the bias to its own sequence block, so the
                 # bias gradient must be summed over the blocks: Megatron's f.

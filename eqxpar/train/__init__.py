@@ -1,9 +1,8 @@
 """Training: the train state, the train step for DP / ZeRO-1 / ZeRO-2 / FSDP (with any
 tensor parallelism), and memory reports."""
 
-from .._sharding import LeafLayout as LeafLayout
-from ..nn._common import fsdp_axis as fsdp_axis
 from ._checkpoint import Checkpointer as Checkpointer
+from ._checkpoint import CheckpointError as CheckpointError
 from ._fit import fit as fit
 from ._fit import plot_losses as plot_losses
 from ._fit import resume as resume

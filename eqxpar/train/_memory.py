@@ -99,8 +99,7 @@ def memory_report(
         tp = math.prod(sizes[a] for a in p.sharded_axes(strategy.data_axis, False))
         replica = leaf.nbytes / tp
         psi += replica
-        split = p.param_split or (p.zero_dim is not None and strategy.kind in ("zero2", "fsdp"))
-        grads += replica / n if split else replica
+        grads += replica / n if p.grad_split(strategy.kind) else replica
     opt_replica = (
         sum(leaf.nbytes for leaf in jax.tree.leaves(eqx.filter(state.opt_state, eqx.is_array)))
         * psi

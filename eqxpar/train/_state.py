@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, PRNGKeyArray
 
-from .._sharding import check_spec, is_arraylike
+from .._sharding import check_tree, is_arraylike
 from ._strategy import Strategy, as_strategy, opt_state_specs, param_specs, plan, state_specs
 
 
@@ -93,12 +93,8 @@ def init_state(
 
     abstract = eqx.filter_eval_shape(build, dyn_in, key)
     specs = state_spec_tree(abstract, strategy, mesh)
+    check_tree(abstract, specs, mesh, "init_state: state")
     flat_specs = jax.tree.structure(abstract).flatten_up_to(specs)
-    for (path, leaf), spec in zip(
-        jax.tree_util.tree_leaves_with_path(abstract), flat_specs, strict=True
-    ):
-        if is_arraylike(leaf):
-            check_spec(spec, leaf, mesh, f"init_state: state{jax.tree_util.keystr(path)}")
     _, static_out = eqx.partition(abstract, is_arraylike)
     shardings = jax.tree.unflatten(
         jax.tree.structure(abstract),

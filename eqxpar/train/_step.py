@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -15,14 +16,27 @@ from jax.sharding import PartitionSpec as P
 
 from .._collectives import to_varying
 from .._shard_map import filter_shard_map
-from ..nn._common import fsdp_axis
+from ..nn._common import FSDPShard
 from ._state import TrainState, state_spec_tree
 from ._strategy import LeafPlan, Strategy, as_strategy, is_plan, plan, plan_leaves
 
 
-def _grad_split(p: LeafPlan, strategy: Strategy) -> bool:
-    """Whether this leaf's gradient ends up split over the data axis."""
-    return p.param_split or (p.zero_dim is not None and strategy.kind in ("zero2", "fsdp"))
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    """The static settings of one train step (everything but the state and batch)."""
+
+    loss_fn: Callable
+    optimizer: optax.GradientTransformation
+    strategy: Strategy
+    data_size: int
+    accumulation_steps: int
+    clip_norm: float | None
+    loss_scale: float | None
+    skip_nonfinite: bool
+
+    @property
+    def scale(self) -> float:
+        return 1.0 if self.loss_scale is None else self.loss_scale
 
 
 def _microbatches(batch: tuple, count: int) -> tuple:
@@ -37,104 +51,127 @@ def _microbatches(batch: tuple, count: int) -> tuple:
     return jax.tree.map(split, batch)
 
 
-def _local_step(
-    state: TrainState,
-    *batch: Any,
-    loss_fn: Callable,
-    optimizer: optax.GradientTransformation,
-    strategy: Strategy,
-    plans: Any,
-    data_size: int,
-    accumulation_steps: int,
-    clip_norm: float | None,
-    loss_scale: float | None,
-    skip_nonfinite: bool,
-) -> tuple[TrainState, dict]:
-    axis = strategy.data_axis
-    params, static = eqx.partition(state.model, eqx.is_array)
-    key = jax.random.fold_in(jax.random.fold_in(state.key, state.step), lax.axis_index(axis))
-    scale = 1.0 if loss_scale is None else loss_scale
+def _fsdp_view(plans: Any, model: Any, axis: str) -> Any:
+    """The model as the loss sees it: each array the plan splits (FSDP) wrapped in an
+    `FSDPShard` saying which axis and dim its layer must all-gather."""
 
+    def view(p: LeafPlan | None, x: Any) -> Any:
+        if p is None or not p.param_split or p.zero_dim is None:
+            return x
+        return FSDPShard(x, axis, p.zero_dim - p.ndim)
+
+    return jax.tree.map(view, plans, model, is_leaf=is_plan)
+
+
+def _loss_and_grads(s: _Settings, plans: Any, params: Any, static: Any, batch: tuple, key: Any):
+    """This device's (scaled) loss and unreduced gradients, accumulated over microbatches."""
+    axis = s.strategy.data_axis
     # Differentiate with respect to parameters marked as varying over the data axis,
     # so each device's gradient comes back unreduced and the strategy chooses the
-    # collective (all-reduce or reduce-scatter) below.
+    # collective (all-reduce or reduce-scatter) in `_reduce`.
     varying = jax.tree.map(lambda x: to_varying(x, axis), params)
 
     def local_loss(p, micro, k):
-        return loss_fn(eqx.combine(p, static), *micro, k) * scale
+        model = _fsdp_view(plans, eqx.combine(p, static), axis)
+        return s.loss_fn(model, *micro, k) * s.scale
 
     grad_fn = jax.value_and_grad(local_loss)
-    if accumulation_steps == 1:
-        loss, grads = grad_fn(varying, batch, key)
-    else:
+    n = s.accumulation_steps
+    if n == 1:
+        return grad_fn(varying, batch, key)
 
-        def accumulate(carry, xs):
-            micro, i = xs
-            value, g = grad_fn(varying, micro, jax.random.fold_in(key, i))
-            return (carry[0] + value, jax.tree.map(jnp.add, carry[1], g)), None
+    def accumulate(carry, xs):
+        micro, i = xs
+        value, g = grad_fn(varying, micro, jax.random.fold_in(key, i))
+        return (carry[0] + value, jax.tree.map(jnp.add, carry[1], g)), None
 
-        zero = (to_varying(jnp.zeros((), jnp.float32), axis), jax.tree.map(jnp.zeros_like, varying))
-        xs = (_microbatches(batch, accumulation_steps), jnp.arange(accumulation_steps))
-        (loss, grads), _ = lax.scan(accumulate, zero, xs)
-        loss = loss / accumulation_steps
-        grads = jax.tree.map(lambda g: g / accumulation_steps, grads)
+    zero = (to_varying(jnp.zeros((), jnp.float32), axis), jax.tree.map(jnp.zeros_like, varying))
+    (loss, grads), _ = lax.scan(accumulate, zero, (_microbatches(batch, n), jnp.arange(n)))
+    return loss / n, jax.tree.map(lambda g: g / n, grads)
+
+
+def _reduce(s: _Settings, plans: Any, grads: Any, loss: Any) -> tuple[Any, Any]:
+    """Mean gradients and loss over the data axis, each gradient in the layout the
+    strategy keeps it in (`LeafPlan.grad_split`)."""
+    axis, kind, divide = s.strategy.data_axis, s.strategy.kind, s.data_size * s.scale
 
     def reduce(p: LeafPlan | None, g: Any) -> Any:
         if p is None:
             return None
         if p.param_split:  # FSDP: the transpose of the all-gather already reduce-scattered
-            return g / (data_size * scale)
-        if _grad_split(p, strategy):
+            return g / divide
+        if p.grad_split(kind):
             assert p.zero_dim is not None
             g = lax.psum_scatter(g, axis, scatter_dimension=p.zero_dim, tiled=True)
-            return g / (data_size * scale)
-        return lax.psum(g, axis) / (data_size * scale)
+            return g / divide
+        return lax.psum(g, axis) / divide
 
     grads = jax.tree.map(reduce, plans, grads, is_leaf=is_plan)
-    loss = lax.psum(loss, axis) / (data_size * scale)
+    return grads, lax.psum(loss, axis) / divide
 
-    # Global gradient norm: each leaf's sum of squares is summed over the mesh axes
-    # it is split over (replicated copies are counted once).
+
+def _global_norm(s: _Settings, plans: Any, grads: Any) -> Any:
+    """The gradient norm over the whole model: each leaf's sum of squares is summed
+    over the mesh axes it is split over (replicated copies are counted once)."""
     squares: dict[tuple[str, ...], Any] = {}
-    for p, g in zip(plan_leaves(plans), jax.tree.leaves(grads)):
-        axes = p.sharded_axes(axis, _grad_split(p, strategy))
+    for p, g in zip(plan_leaves(plans), jax.tree.leaves(grads), strict=True):
+        axes = p.sharded_axes(s.strategy.data_axis, p.grad_split(s.strategy.kind))
         squares[axes] = squares.get(axes, 0.0) + jnp.sum(jnp.square(g.astype(jnp.float32)))
-    total = sum(lax.psum(v, axes) if axes else v for axes, v in squares.items())
-    grad_norm = jnp.sqrt(total)
-    finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
-    if clip_norm is not None:
-        factor = jnp.minimum(1.0, clip_norm / (grad_norm + 1e-6))
-        grads = jax.tree.map(lambda g: (g * factor).astype(g.dtype), grads)
+    return jnp.sqrt(sum(lax.psum(v, axes) if axes else v for axes, v in squares.items()))
 
+
+def _update(s: _Settings, plans: Any, params: Any, grads: Any, opt_state: Any) -> tuple:
+    """Applies the optimizer to this device's block of each parameter (its ZeRO block,
+    or the whole array where nothing is split) and all-gathers the updated blocks of
+    parameters the strategy keeps replicated."""
+    axis, kind = s.strategy.data_axis, s.strategy.kind
     index = lax.axis_index(axis)
 
+    def zero_dim(p: LeafPlan | None) -> int | None:  # optimizer state split, parameter whole
+        return None if p is None or p.param_split else p.zero_dim
+
     def block(p: LeafPlan | None, x: Any) -> Any:  # replicated array -> this device's block
-        if p is None or p.zero_dim is None or p.param_split:
+        dim = zero_dim(p)
+        if dim is None:
             return x
-        size = x.shape[p.zero_dim] // data_size
-        return lax.dynamic_slice_in_dim(x, index * size, size, axis=p.zero_dim)
+        size = x.shape[dim] // s.data_size
+        return lax.dynamic_slice_in_dim(x, index * size, size, axis=dim)
 
     def unblock(p: LeafPlan | None, x: Any) -> Any:  # updated block -> replicated array
-        if p is None or p.zero_dim is None or p.param_split:
-            return x
-        return lax.all_gather(x, axis, axis=p.zero_dim, tiled=True, to="invarying")
+        dim = zero_dim(p)
+        return x if dim is None else lax.all_gather(x, axis, axis=dim, tiled=True, to="invarying")
 
     param_blocks = jax.tree.map(block, plans, params, is_leaf=is_plan)
     grad_blocks = jax.tree.map(
-        lambda p, g: g if p is None or _grad_split(p, strategy) else block(p, g),
+        lambda p, g: g if p is None or p.grad_split(kind) else block(p, g),
         plans,
         grads,
         is_leaf=is_plan,
     )
-    updates, opt_state = optimizer.update(grad_blocks, state.opt_state, param_blocks)
-    new_params = jax.tree.map(
-        unblock, plans, optax.apply_updates(param_blocks, updates), is_leaf=is_plan
-    )
-    if skip_nonfinite:
+    updates, opt_state = s.optimizer.update(grad_blocks, opt_state, param_blocks)
+    new_blocks = optax.apply_updates(param_blocks, updates)
+    return jax.tree.map(unblock, plans, new_blocks, is_leaf=is_plan), opt_state
+
+
+def _local_step(state: TrainState, *batch: Any, s: _Settings, plans: Any) -> tuple:
+    """One step on this device: loss and gradients, reduction over the data axis,
+    global norm and clipping, the optimizer update."""
+    params, static = eqx.partition(state.model, eqx.is_array)
+    axis = s.strategy.data_axis
+    key = jax.random.fold_in(jax.random.fold_in(state.key, state.step), lax.axis_index(axis))
+    loss, grads = _loss_and_grads(s, plans, params, static, batch, key)
+    grads, loss = _reduce(s, plans, grads, loss)
+    grad_norm = _global_norm(s, plans, grads)
+    finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
+    if s.clip_norm is not None:
+        factor = jnp.minimum(1.0, s.clip_norm / (grad_norm + 1e-6))
+        grads = jax.tree.map(lambda g: (g * factor).astype(g.dtype), grads)
+    new_params, opt_state = _update(s, plans, params, grads, state.opt_state)
+    if s.skip_nonfinite:
         keep = functools.partial(jnp.where, finite)
         new_params = jax.tree.map(keep, new_params, params)
         opt_state = jax.tree.map(keep, opt_state, state.opt_state)
-    applied = finite.astype(jnp.int32) if skip_nonfinite else 1
+    applied = finite.astype(jnp.int32) if s.skip_nonfinite else 1
     new_state = TrainState(
         eqx.combine(new_params, static), opt_state, state.step + applied, state.key
     )
@@ -196,27 +233,26 @@ def make_train_step(
             f"strategy data_axis {strategy.data_axis!r} is not an axis of the mesh {tuple(sizes)}."
         )
 
+    settings = _Settings(
+        loss_fn,
+        optimizer,
+        strategy,
+        sizes[strategy.data_axis],
+        accumulation_steps,
+        clip_norm,
+        loss_scale,
+        skip,
+    )
+
     @eqx.filter_jit
     def step(state: TrainState, *batch: Any) -> tuple[TrainState, dict]:
         plans = plan(state.model, strategy, mesh)
         specs = state_spec_tree(state, strategy, mesh)
         bspecs = (P(strategy.data_axis),) * len(batch) if batch_specs is None else batch_specs
-        local = functools.partial(
-            _local_step,
-            loss_fn=loss_fn,
-            optimizer=optimizer,
-            strategy=strategy,
-            plans=plans,
-            data_size=sizes[strategy.data_axis],
-            accumulation_steps=accumulation_steps,
-            clip_norm=clip_norm,
-            loss_scale=loss_scale,
-            skip_nonfinite=skip,
-        )
+        local = functools.partial(_local_step, s=settings, plans=plans)
         mapped = filter_shard_map(
             local, mesh=mesh, in_specs=(specs, *bspecs), out_specs=(specs, P())
         )
-        with fsdp_axis(strategy.data_axis):  # layers gather FSDP-split weights over it
-            return mapped(state, *batch)
+        return mapped(state, *batch)
 
     return step

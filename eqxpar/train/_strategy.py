@@ -69,6 +69,12 @@ class LeafPlan:
     zero_dim: int | None
     param_split: bool
 
+    def grad_split(self, kind: str) -> bool:
+        """Whether the reduced gradient is split over the data axis under strategy
+        `kind`: for split parameters (FSDP), and for ZeRO-2 / FSDP optimizer blocks.
+        The one place this rule lives (the train step and memory reports use it)."""
+        return self.param_split or (self.zero_dim is not None and kind in ("zero2", "fsdp"))
+
     def with_data(self, axis: str, split: bool) -> P:
         """The declared spec with `axis` added on `zero_dim` when `split`."""
         entries = list(self.spec) + [None] * (self.ndim - len(self.spec))
