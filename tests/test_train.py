@@ -37,10 +37,15 @@ def reference(batches, steps, *, optimizer=OPTIMIZER, config=CONFIG, clip=None):
     optimizer = optax.chain(optax.clip_by_global_norm(clip), optimizer) if clip else optimizer
     opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
     losses = []
-    for x, y in batches[:steps]:
+
+    @eqx.filter_jit  # one compiled step, not hundreds of eagerly dispatched primitives
+    def step(model, opt_state, x, y):
         loss, grads = eqx.filter_value_and_grad(loss_fn)(model, x, y, None)
         updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_array))
-        model = eqx.apply_updates(model, updates)
+        return eqx.apply_updates(model, updates), opt_state, loss
+
+    for x, y in batches[:steps]:
+        model, opt_state, loss = step(model, opt_state, x, y)
         losses.append(loss)
     return model, losses
 

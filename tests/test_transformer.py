@@ -40,6 +40,11 @@ def dense_loss(model, x, y, *, key=None):
     return jnp.mean(model.per_token_loss(x, y, key=key))
 
 
+# The dense references, compiled once per config (not dispatched primitive by primitive).
+dense_value_and_grad = eqx.filter_jit(eqx.filter_value_and_grad(dense_loss))
+dense_logits = eqx.filter_jit(lambda model, x: model(x))
+
+
 @pytest.fixture(scope="module")
 def data():
     x = tokens()
@@ -71,8 +76,8 @@ def test_parity_with_unsharded_model(data, data_size, tensor, sequence_parallel,
         lambda m, x, y: (logits_fn(m, x), eqx.filter_value_and_grad(sharded_loss_fn(mesh))(m, x, y))
     )
     logits, (loss, grads) = step(ep.place(model, mesh), x, y)
-    want_loss, want_grads = eqx.filter_value_and_grad(dense_loss)(model, x, y)
-    assert_trees_close(logits, model(x))
+    want_loss, want_grads = dense_value_and_grad(model, x, y)
+    assert_trees_close(logits, dense_logits(model, x))
     assert_trees_close(loss, want_loss)
     assert_trees_close(grads, want_grads, rtol=1e-4, atol=1e-6)
 
@@ -95,7 +100,7 @@ def test_variants_match_unsharded(data, changes):
     loss, grads = eqx.filter_jit(eqx.filter_value_and_grad(sharded_loss_fn(mesh)))(
         ep.place(model, mesh), x, y
     )
-    want_loss, want_grads = eqx.filter_value_and_grad(dense_loss)(model, x, y)
+    want_loss, want_grads = dense_value_and_grad(model, x, y)
     assert_trees_close(loss, want_loss)
     assert_trees_close(grads, want_grads, rtol=1e-4, atol=1e-6)
 
@@ -113,7 +118,7 @@ def test_dropout_masks_do_not_depend_on_the_mesh(data):
         out_specs=P(),
     )
     loss, grads = eqx.filter_jit(eqx.filter_value_and_grad(loss_fn))(ep.place(model, mesh), x, y)
-    want_loss, want_grads = eqx.filter_value_and_grad(lambda m: dense_loss(m, x, y, key=key))(model)
+    want_loss, want_grads = dense_value_and_grad(model, x, y, key=key)
     assert_trees_close(loss, want_loss)
     assert_trees_close(grads, want_grads, rtol=1e-4, atol=1e-6)
     # Dropout really is on: a different key gives a different loss.
@@ -240,12 +245,11 @@ def test_mixed_precision():
     model = Transformer(config, key=jax.random.key(11))
     x = tokens()
     assert model.embed.weight.dtype == jnp.float32
-    assert model(x).dtype == jnp.bfloat16
-    loss = dense_loss(model, x, x)
+    assert dense_logits(model, x).dtype == jnp.bfloat16
+    loss, grads = dense_value_and_grad(model, x, x)
     assert loss.dtype == jnp.float32
-    f32 = dense_loss(model.with_config(compute_dtype="float32"), x, x)
+    f32 = eqx.filter_jit(dense_loss)(model.with_config(compute_dtype="float32"), x, x)
     assert abs(float(loss) - float(f32)) < 2e-2 * float(f32)
-    grads = eqx.filter_grad(dense_loss)(model, x, x)
     assert grads.embed.weight.dtype == jnp.float32
     bf16 = Transformer(
         SMALL.replace(param_dtype="bfloat16", compute_dtype="bfloat16"), key=jax.random.key(11)
