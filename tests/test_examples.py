@@ -48,6 +48,7 @@ def test_tp_classifier_learns_digits(tmp_path):
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow  # PPClassifier on pipeline meshes is tested fast in test_pipeline.py
 def test_pp_classifier_trains_on_a_pipeline_mesh(tmp_path):
     import train_classifier
 

@@ -193,10 +193,11 @@ def tokens():
     "changes,sizes,m",
     [
         (dict(pipeline_stages=2), dict(data=2, tensor=2, pipeline=2), 2),
-        (
+        pytest.param(  # interleaving itself is tested fast on PPClassifier
             dict(pipeline_stages=2, virtual_stages=2, sequence_parallel=True, tie_embeddings=True),
             dict(tensor=2, pipeline=2),
             4,
+            marks=pytest.mark.slow,
         ),
     ],
     ids=["3d-1f1b", "interleaved-sp-tied"],

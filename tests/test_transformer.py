@@ -1,6 +1,8 @@
 """The Megatron Transformer: parity with the same model without a mesh, collectives,
 remat, mixed precision, dropout RNG, generation."""
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -125,6 +127,7 @@ def test_dropout_masks_do_not_depend_on_the_mesh(data):
     assert abs(float(dense_loss(model, x, y, key=jax.random.key(5))) - float(want_loss)) > 1e-4
 
 
+@functools.cache  # several assertions read the same compiled program
 def _collectives(config, mesh, *, grad):
     model = ep.place(Transformer(config, key=jax.random.key(0)), mesh)
     x = tokens(batch=BATCH * mesh.shape["data"])
