@@ -229,12 +229,13 @@ def _progress(
         every = max(1, min(100, math.ceil((steps - start) / 10)))
     elif every < 1:
         raise ValueError(f"progress_every={every}; it must be at least 1.")
+    lines = _Lines(steps, every if progress else None, items_per_step)
     if progress and sys.stderr.isatty():  # where tqdm draws
         try:
             return _Bar(start, steps, items_per_step)
         except ImportError:  # pragma: no cover - tqdm is in the `examples` extra
-            pass
-    return _Lines(steps, every if progress else None, items_per_step)
+            return lines
+    return lines
 
 
 class _Lines:
@@ -261,7 +262,7 @@ class _Lines:
         print(text, flush=True)
 
     def close(self) -> None:
-        pass
+        """Nothing to close: every line is already flushed."""
 
 
 class _Bar:
