@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 from jax.tree_util import keystr
 
 from ._mesh import describe_mesh
-from ._sharding import owner, partition_specs, raise_problems, spec_problem
+from ._sharding import leaf_problem, partition_specs, raise_problems
 
 
 class _Pair:
@@ -60,11 +60,9 @@ def _expand(
                 out.append(None)
                 continue
             where = f"{root}{keystr(prefix)}{keystr(path)}"
-            problem = spec_problem(leaf_spec, leaf, mesh, divisible=divisible)
-            if problem is not None:
-                held = owner(tree, (*prefix, *path), problem[0])
-                error = TypeError if not isinstance(leaf_spec, P) else ValueError
-                problems.append((error, f"{where}{f' ({held})' if held else ''}: {problem[1]}"))
+            full = (*prefix, *path)
+            problem = leaf_problem(tree, full, leaf, leaf_spec, mesh, where, divisible=divisible)
+            problems += [] if problem is None else [problem]
             out.append(leaf_spec)
             if names is not None:
                 names.append(where)

@@ -279,27 +279,34 @@ def raise_problems(problems: list[tuple[type, str]], what: str, mesh: Any) -> No
     )
 
 
+def leaf_problem(
+    tree: Any, path: tuple, leaf: Any, spec: Any, mesh: Any, where: str, *, divisible: bool
+) -> tuple[type, str] | None:
+    """`(error type, message)` if `spec` cannot place the array `leaf` found at `path`
+    in `tree`; the message names it by `where` and by its owning layer field."""
+    problem = spec_problem(spec, leaf, mesh, divisible=divisible)
+    if problem is None:
+        return None
+    dim, message = problem
+    held = owner(tree, path, dim)
+    where = f"{where} ({held})" if held else where
+    return (ValueError if isinstance(spec, P) else TypeError), f"{where}: {message}"
+
+
 def leaf_problems(
     tree: Any, specs: Any, mesh: Any, root: str, *, divisible: bool = True
 ) -> list[tuple[type, str]]:
-    """`(error type, message)` for every array of `tree` whose spec does not fit `mesh`,
-    each named by key path and owning layer field."""
+    """`(error type, message)` for every array of `tree` whose spec does not fit `mesh`."""
     problems = []
     for (path, leaf), spec in zip(
         jax.tree_util.tree_leaves_with_path(tree),
         jax.tree.structure(tree).flatten_up_to(specs),
         strict=True,
     ):
-        if not is_arraylike(leaf):
-            continue
-        problem = spec_problem(spec, leaf, mesh, divisible=divisible)
-        if problem is not None:
-            dim, message = problem
-            held = owner(tree, path, dim)
-            where = f"{root}{keystr(path)}" + (f" ({held})" if held else "")
-            problems.append(
-                (TypeError if not isinstance(spec, P) else ValueError, f"{where}: {message}")
-            )
+        if is_arraylike(leaf):
+            where = f"{root}{keystr(path)}"
+            problem = leaf_problem(tree, path, leaf, spec, mesh, where, divisible=divisible)
+            problems += [] if problem is None else [problem]
     return problems
 
 
