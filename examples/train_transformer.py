@@ -1,11 +1,13 @@
 """Train a byte-level Transformer language model on real text, then sample from it.
 
     python examples/train_transformer.py --mesh data=2,tensor=4
+    python examples/train_transformer.py --mesh data=2,context=4 --seq-len 512
 
 By default the corpus is Python's own documentation (the `pydoc_data` topics that ship
 with every CPython), so it runs offline; `--data FILE` trains on any text file. The
 model is `models.Transformer` (vocab-parallel embedding and loss, Megatron attention
-and MLP) on a data x tensor mesh. Prints a progress bar with loss, tokens/s and step
+and MLP) on a data x tensor mesh, or with the sequence split over a context axis (ring
+attention, load-balanced layout). Prints a progress bar with loss, tokens/s and step
 time, evaluates on held-out text, writes metrics (JSONL) and a loss plot (PNG) under
 `--out`, and ends with a generated sample.
 """
@@ -56,6 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="Megatron sequence parallelism over the tensor axis",
     )
+    p.add_argument(
+        "--context-parallel",
+        choices=("ring", "all_gather"),
+        default="ring",
+        help="how attention crosses a sequence split over the context axis (--mesh context=C)",
+    )
     p.add_argument("--dropout", type=float, default=0.0, help="residual dropout rate")
     p.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clip")
     p.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps")
@@ -102,13 +110,23 @@ def main(argv: list[str] | None = None) -> dict:
     n = len(jax.devices())
     mesh, mesh_text = build_mesh(args.mesh or {"data": max(1, n // 4), "tensor": min(4, n)})
     data_size, tensor, stages = mesh.shape["data"], mesh.shape["tensor"], mesh.shape["pipeline"]
+    context = mesh.shape["context"]
     if stages > 1 and args.dropout:
         sys.exit("--dropout: not supported on pipeline meshes yet; drop it or use pipeline=1")
+    if stages > 1 and context > 1:
+        sys.exit("--mesh: pipeline and context together are not supported yet; use one of them")
     virtual, micro = batch_layout(args, data_size, stages)
-    if args.sequence_parallel and args.seq_len % tensor:
+    chunks = 2 * context if context > 1 else 1  # the load-balanced layout's chunks
+    if args.seq_len % chunks:
         sys.exit(
-            f"--seq-len: {args.seq_len} does not split over tensor={tensor} for "
-            f"--sequence-parallel; use a multiple of {tensor}"
+            f"--seq-len: {args.seq_len} does not split into 2 * context = {chunks} chunks "
+            f"(the load-balanced layout over context={context}); use a multiple of {chunks}"
+        )
+    if args.sequence_parallel and (args.seq_len // context) % tensor:
+        over = f"context={context} x tensor={tensor}" if context > 1 else f"tensor={tensor}"
+        sys.exit(
+            f"--seq-len: {args.seq_len} does not split over {over} for --sequence-parallel; "
+            f"use a multiple of {chunks * tensor}"
         )
     try:
         config = TransformerConfig(
@@ -123,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
             compute_dtype="bfloat16" if args.precision == "bf16" else "float32",
             pipeline_stages=stages,
             virtual_stages=virtual,
+            context_parallel=args.context_parallel if context > 1 else None,
         )
         warmup = min(50, args.steps // 10 + 1)
         schedule = optax.warmup_cosine_decay_schedule(
@@ -150,6 +169,10 @@ def main(argv: list[str] | None = None) -> dict:
     baseline = unigram_entropy(train.astype(np.uint8).tobytes())
 
     batch, seq = args.batch_size, args.seq_len
+    # With the sequence split over "context", tokens go in the load-balanced order
+    # (device i holds chunks i and 2c-1-i) and the batch is split P("data", "context").
+    order = ep.nn.context_order(seq, context)
+    tokens = P("data", "context") if context > 1 else P("data")
 
     pipe_schedule = pipeline_schedule(args.schedule, virtual) if stages > 1 else None
 
@@ -159,15 +182,20 @@ def main(argv: list[str] | None = None) -> dict:
         return jnp.mean(model.per_token_loss(x, y, key=key))
 
     step_fn = ep.train.make_train_step(
-        loss_fn, optim, mesh=mesh, strategy=args.strategy, clip_norm=args.clip_norm
+        loss_fn,
+        optim,
+        mesh=mesh,
+        strategy=args.strategy,
+        clip_norm=args.clip_norm,
+        batch_specs=(tokens, tokens),
     )
 
     @eqx.filter_jit
     def evaluate(model, x, y):
         fn = ep.filter_shard_map(
-            lambda m, x, y: jax.lax.pmean(loss_fn(m, x, y, None), "data"),
+            lambda m, x, y: jax.lax.pmean(loss_fn(m, x, y, None), ("data", "context")),
             mesh=mesh,
-            in_specs=(None, P("data"), P("data")),
+            in_specs=(None, tokens, tokens),
             out_specs=P(),
         )
         return fn(model, x, y)
@@ -175,17 +203,19 @@ def main(argv: list[str] | None = None) -> dict:
     def windows(source, count, rng):
         starts = rng.integers(0, len(source) - seq - 1, size=count)
         chunk = np.stack([source[s : s + seq + 1] for s in starts])
-        return chunk[:, :-1], chunk[:, 1:]
+        return chunk[:, :-1][:, order], chunk[:, 1:][:, order]
 
     def batch_fn(i):  # a function of the batch index alone: resuming replays the data
         return windows(train, batch, np.random.default_rng([args.seed, i]))
 
+    context_text = f", context: {args.context_parallel}" if context > 1 else ""
     eval_x, eval_y = windows(held_out, 4 * batch, np.random.default_rng([args.seed, 2**31]))
     print(
         f"Transformer: {count_params(state.model) / 1e6:.2f}M params, {config.num_layers} layers x "
         f"{config.dim} wide, on {mesh_text} ({args.strategy}, {args.precision}, "
         f"remat={args.remat}, "
-        f"SP={'on' if args.sequence_parallel else 'off'}); corpus {len(corpus):,} bytes; "
+        f"SP={'on' if args.sequence_parallel else 'off'}{context_text}); "
+        f"corpus {len(corpus):,} bytes; "
         f"unigram baseline {baseline:.3f} nats/byte"
     )
     out = args.out / "transformer"
@@ -214,7 +244,11 @@ def main(argv: list[str] | None = None) -> dict:
     prompt_text = b"The "
     prompt = jnp.asarray(np.frombuffer(prompt_text, np.uint8).astype(np.int32))[None]
     sampler = state.model.with_config(
-        sequence_parallel=False, remat="none", pipeline_stages=1, virtual_stages=1
+        sequence_parallel=False,
+        remat="none",
+        pipeline_stages=1,
+        virtual_stages=1,
+        context_parallel=None,
     )
     generate = eqx.filter_jit(
         ep.filter_shard_map(

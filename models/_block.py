@@ -6,11 +6,17 @@ from typing import Any
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray
 
-from eqxpar.collectives import shard_index
-from eqxpar.nn import KVCache, LayerNorm, ParallelAttention, ParallelMLP, RMSNorm, indexed_dropout
+from eqxpar.nn import (
+    KVCache,
+    LayerNorm,
+    ParallelAttention,
+    ParallelMLP,
+    RMSNorm,
+    indexed_dropout,
+    token_positions,
+)
 
 from ._config import TransformerConfig
 
@@ -26,13 +32,6 @@ def make_norm(config: TransformerConfig) -> RMSNorm | LayerNorm:
     return LayerNorm(config.dim, use_bias=config.use_bias, **kw)
 
 
-def _token_index(x: Array, sequence_parallel: bool, axis_name: str) -> Array:
-    """Global positions of the tokens along `x`'s sequence dim (1) on this device."""
-    s = x.shape[1]
-    first = shard_index(axis_name) * s if sequence_parallel else 0
-    return first + jnp.arange(s, dtype=jnp.int32)
-
-
 class TransformerBlock(eqx.Module):
     """Pre-norm block: `x + drop(attn(norm(x)))`, then `x + drop(mlp(norm(x)))`."""
 
@@ -41,8 +40,7 @@ class TransformerBlock(eqx.Module):
     mlp_norm: RMSNorm | LayerNorm
     mlp: ParallelMLP
     dropout: float = eqx.field(static=True)
-    sequence_parallel: bool = eqx.field(static=True)
-    axis_name: str = eqx.field(static=True)
+    config: TransformerConfig = eqx.field(static=True)
 
     def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
         ka, km = jax.random.split(key)
@@ -60,6 +58,9 @@ class TransformerBlock(eqx.Module):
             num_kv_heads=config.kv_heads,
             rope_theta=config.rope_theta,
             dropout=config.attention_dropout,
+            context_parallel=config.context_parallel,
+            context_axis=config.context_axis,
+            context_layout=config.context_layout,
             **kw,
             key=ka,
         )
@@ -68,16 +69,22 @@ class TransformerBlock(eqx.Module):
             config.dim, config.hidden, activation=config.activation, **kw, key=km
         )
         self.dropout = config.dropout
-        self.sequence_parallel = config.sequence_parallel
-        self.axis_name = config.axis_name
+        self.config = config
 
     def __call__(
         self, x: Array, key: PRNGKeyArray | None = None, cache: KVCache | None = None
     ) -> Any:
-        """`x: (batch, seq, dim)` (a sequence block with SP); with a cache, also returns
-        the updated cache."""
+        """`x: (batch, seq, dim)` (a sequence block with SP, a context shard with context
+        parallelism); with a cache, also returns the updated cache. Dropout masks follow
+        the tokens' global positions, so they do not depend on the mesh."""
         keys = (None,) * 3 if key is None else tuple(jax.random.split(key, 3))
-        index = _token_index(x, self.sequence_parallel, self.axis_name)
+        c = self.config
+        index = token_positions(
+            x.shape[1],
+            context_axis=c.context_axis if c.context_parallel else None,
+            layout=c.context_layout,
+            sequence_axis=c.axis_name if c.sequence_parallel else None,
+        )
         h = self.attn(self.attn_norm(x), key=keys[0], cache=cache)
         if cache is not None:
             h, cache = h

@@ -8,7 +8,7 @@ import warnings
 from typing import Any, Literal
 
 import eqxpar as ep
-from eqxpar.nn import REMAT, Remat
+from eqxpar.nn import REMAT, ContextStrategy, Layout, Remat
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -46,6 +46,11 @@ class TransformerConfig:
       `pipeline_stages * virtual_stages` chunks for pipeline parallelism over
       `pipeline_axis` (Megatron's interleaved layout: chunk `v * stages + s` on stage
       `s`). The layers are then stacked `(virtual, stages, per_chunk, ...)`.
+    - `context_parallel`: `None`, `"ring"` or `"all_gather"`: split the sequence over
+      `context_axis` (context parallelism; see `eqxpar.nn.ring_attention`). Inside
+      `filter_shard_map` tokens and targets come in `P("data", "context")`, in
+      `eqxpar.nn.context_order` for the `"load_balanced"` `context_layout` (or plain
+      blocks for `"contiguous"`), and logits go out `P("data", "context", "tensor")`.
     """
 
     vocab_size: int = 256
@@ -71,6 +76,9 @@ class TransformerConfig:
     pipeline_stages: int = 1
     virtual_stages: int = 1
     pipeline_axis: str = ep.PIPELINE
+    context_parallel: ContextStrategy | None = None
+    context_axis: str = ep.CONTEXT
+    context_layout: Layout = "load_balanced"
 
     def __post_init__(self):
         def bad(field: str, why: str):
@@ -96,6 +104,20 @@ class TransformerConfig:
         for field in ("pipeline_stages", "virtual_stages"):
             if getattr(self, field) < 1:
                 bad(field, "must be >= 1")
+        if self.context_parallel not in (None, "ring", "all_gather"):
+            bad("context_parallel", "use None, 'ring' or 'all_gather'")
+        if self.context_layout not in ("load_balanced", "contiguous"):
+            bad("context_layout", "use 'load_balanced' or 'contiguous'")
+        if self.context_parallel is not None and self.chunks > 1:
+            bad(
+                "context_parallel",
+                "context parallelism with pipeline_stages > 1 is not supported yet; use one",
+            )
+        if self.context_parallel is not None and self.attention_dropout:
+            bad(
+                "attention_dropout",
+                "attention dropout is not supported with context_parallel; set it to 0",
+            )
         if self.num_layers % self.chunks:
             bad(
                 "num_layers",
@@ -175,6 +197,9 @@ SAME_WEIGHTS: tuple[str, ...] = (
     "pipeline_stages",
     "virtual_stages",
     "pipeline_axis",
+    "context_parallel",
+    "context_axis",
+    "context_layout",
 )
 """The `TransformerConfig` fields `Transformer.with_config` may change: switches of
 how the same weights are computed (positions are rotary, so `max_seq_len` holds no

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 import eqxpar as ep
-from eqxpar.collectives import axis_size
+from eqxpar.collectives import axis_size, shard_count
 from eqxpar.nn import (
     ColumnParallelLinear,
     LayerNorm,
@@ -113,17 +113,19 @@ class Transformer(eqx.Module):
     ) -> Float[Array, "batch seq vocab_shard"]:
         """**Arguments:**
 
-        - `tokens`: `(batch, seq)` token ids, replicated over the tensor axis.
+        - `tokens`: `(batch, seq)` token ids, replicated over the tensor axis (with
+          `context_parallel`, this device's context shard, in `context_order`).
         - `key`: PRNG key for dropout; `None` disables dropout.
 
         **Returns:**
 
         Per-shard logits `(batch, seq, vocab_size / t)` in the compute dtype.
         """
-        if tokens.shape[1] > self.config.max_seq_len:
+        c = self.config
+        length = tokens.shape[1] * (shard_count(c.context_axis) if c.context_parallel else 1)
+        if length > c.max_seq_len:
             raise ValueError(
-                f"Transformer: sequence length {tokens.shape[1]} exceeds "
-                f"max_seq_len={self.config.max_seq_len}."
+                f"Transformer: sequence length {length} exceeds max_seq_len={c.max_seq_len}."
             )
         model = self._cast()
         with jax.named_scope("models.Transformer"):

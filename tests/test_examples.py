@@ -219,6 +219,35 @@ def test_transformer_on_a_pipeline_mesh_with_fsdp(tmp_path):
     assert losses[-1] < 0.75 * losses[0]
 
 
+@pytest.mark.slow  # ring attention and the context train step are tested fast in test_context.py
+def test_transformer_on_a_context_mesh(tmp_path):
+    import train_transformer
+
+    result = train_transformer.main(
+        [
+            "--mesh",
+            "data=2,context=4",
+            "--steps",
+            "30",
+            "--layers",
+            "2",
+            "--dim",
+            "64",
+            "--seq-len",
+            "64",
+            "--eval-every",
+            "30",
+            "--sample-tokens",
+            "8",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    losses = [r["loss"] for r in result["rows"] if "loss" in r]
+    assert losses[-1] < 0.75 * losses[0]
+    assert len(result["sample"]) == len(b"The ") + 8
+
+
 @pytest.mark.parametrize(
     "flags,message",
     [
@@ -230,6 +259,10 @@ def test_transformer_on_a_pipeline_mesh_with_fsdp(tmp_path):
         ),
         (["--mesh", "data=2,tensor=8"], "--mesh: make_mesh(data=2 x tensor=8) needs 16"),
         (["--seq-len", "30", "--sequence-parallel"], "--seq-len: 30 does not split over tensor=4"),
+        (
+            ["--mesh", "data=2,context=4", "--seq-len", "60"],
+            "--seq-len: 60 does not split into 2 * context = 8 chunks",
+        ),
         (["--data", "/no/such/file"], "--data: /no/such/file is not a file"),
         (["--heads", "3"], "model: TransformerConfig.dim=128: must be divisible by num_heads=3"),
     ],

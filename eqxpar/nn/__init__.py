@@ -1,4 +1,5 @@
-"""Parallel layers: tensor-parallel linear layers, embeddings, attention, MLP, norms, loss."""
+"""Parallel layers: tensor-parallel linear layers, embeddings, attention (ring attention
+over a context axis), MLP, norms, loss."""
 
 from ._attention import KVCache as KVCache
 from ._attention import ParallelAttention as ParallelAttention
@@ -6,6 +7,13 @@ from ._attention import rotary as rotary
 from ._common import FSDPShard as FSDPShard
 from ._common import local_param as local_param
 from ._common import regather_in_backward as regather_in_backward
+from ._context import ContextStrategy as ContextStrategy
+from ._context import Layout as Layout
+from ._context import attention_blocks as attention_blocks
+from ._context import blockwise_attention as blockwise_attention
+from ._context import context_order as context_order
+from ._context import ring_attention as ring_attention
+from ._context import token_positions as token_positions
 from ._dropout import indexed_dropout as indexed_dropout
 from ._embedding import ParallelEmbedding as ParallelEmbedding
 from ._embedding import VocabParallelEmbedding as VocabParallelEmbedding

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,8 @@ class _Settings:
     optimizer: optax.GradientTransformation
     strategy: Strategy
     data_size: int
+    sample_axes: tuple[str, ...]
+    sample_size: int
     accumulation_steps: int
     clip_norm: float | None
     loss_scale: float | None
@@ -37,6 +40,12 @@ class _Settings:
     @property
     def scale(self) -> float:
         return 1.0 if self.loss_scale is None else self.loss_scale
+
+    @property
+    def batch_axes(self) -> tuple[str, ...]:
+        """Every mesh axis the batch is split over: the data axis, then the others
+        (e.g. `"context"`, which splits each sequence)."""
+        return (self.strategy.data_axis, *self.sample_axes)
 
 
 def _microbatches(batch: tuple, count: int) -> tuple:
@@ -66,10 +75,10 @@ def _fsdp_view(plans: Any, model: Any, axis: str) -> Any:
 def _loss_and_grads(s: _Settings, plans: Any, params: Any, static: Any, batch: tuple, key: Any):
     """This device's (scaled) loss and unreduced gradients, accumulated over microbatches."""
     axis = s.strategy.data_axis
-    # Differentiate with respect to parameters marked as varying over the data axis,
-    # so each device's gradient comes back unreduced and the strategy chooses the
-    # collective (all-reduce or reduce-scatter) in `_reduce`.
-    varying = jax.tree.map(lambda x: to_varying(x, axis), params)
+    # Differentiate with respect to parameters marked as varying over the axes that
+    # split the batch, so each device's gradient comes back unreduced and the strategy
+    # chooses the collective (all-reduce or reduce-scatter) in `_reduce`.
+    varying = jax.tree.map(lambda x: to_varying(x, s.batch_axes), params)
 
     def local_loss(p, micro, k):
         model = _fsdp_view(plans, eqx.combine(p, static), axis)
@@ -85,29 +94,35 @@ def _loss_and_grads(s: _Settings, plans: Any, params: Any, static: Any, batch: t
         value, g = grad_fn(varying, micro, jax.random.fold_in(key, i))
         return (carry[0] + value, jax.tree.map(jnp.add, carry[1], g)), None
 
-    zero = (to_varying(jnp.zeros((), jnp.float32), axis), jax.tree.map(jnp.zeros_like, varying))
+    zero = (
+        to_varying(jnp.zeros((), jnp.float32), s.batch_axes),
+        jax.tree.map(jnp.zeros_like, varying),
+    )
     (loss, grads), _ = lax.scan(accumulate, zero, (_microbatches(batch, n), jnp.arange(n)))
     return loss / n, jax.tree.map(lambda g: g / n, grads)
 
 
 def _reduce(s: _Settings, plans: Any, grads: Any, loss: Any) -> tuple[Any, Any]:
-    """Mean gradients and loss over the data axis, each gradient in the layout the
-    strategy keeps it in (`LeafPlan.grad_split`)."""
-    axis, kind, divide = s.strategy.data_axis, s.strategy.kind, s.data_size * s.scale
+    """Mean gradients and loss over the axes that split the batch, each gradient in
+    the layout the strategy keeps it in (`LeafPlan.grad_split`): ZeRO and FSDP
+    split over the data axis; the other batch axes (context) are all-reduced."""
+    axis, kind = s.strategy.data_axis, s.strategy.kind
+    divide = s.data_size * s.sample_size * s.scale
+    others = s.sample_axes
 
     def reduce(p: LeafPlan | None, g: Any) -> Any:
         if p is None:
             return None
         if p.param_split:  # FSDP: the transpose of the all-gather already reduce-scattered
-            return g / divide
+            return (lax.psum(g, others) if others else g) / divide
         if p.grad_split(kind):
             assert p.zero_dim is not None
             g = lax.psum_scatter(g, axis, scatter_dimension=p.zero_dim, tiled=True)
-            return g / divide
-        return lax.psum(g, axis) / divide
+            return (lax.psum(g, others) if others else g) / divide
+        return lax.psum(g, s.batch_axes) / divide
 
     grads = jax.tree.map(reduce, plans, grads, is_leaf=is_plan)
-    return grads, lax.psum(loss, axis) / divide
+    return grads, lax.psum(loss, s.batch_axes) / divide
 
 
 def _global_norm(s: _Settings, plans: Any, grads: Any) -> Any:
@@ -178,6 +193,34 @@ def _local_step(state: TrainState, *batch: Any, s: _Settings, plans: Any) -> tup
     return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
 
+def _sample_axes(specs: tuple[P, ...] | None, data_axis: str, sizes: dict) -> tuple[str, ...]:
+    """The mesh axes other than `data_axis` that `specs` split the batch over."""
+    named: list[str] = []
+    for spec in specs or ():
+        for entry in spec:
+            for name in () if entry is None else (entry,) if isinstance(entry, str) else entry:
+                if name not in sizes:
+                    raise ValueError(
+                        f"batch_specs name the axis {name!r}, which is not an axis of the "
+                        f"mesh {tuple(sizes)}."
+                    )
+                if name != data_axis and name not in named:
+                    named.append(name)
+    return tuple(named)
+
+
+def _check_not_split_over(plans: Any, axes: tuple[str, ...]) -> None:
+    """Raises if a parameter is split over an axis that also splits the batch (its
+    gradient could not be all-reduced over that axis)."""
+    for p in plan_leaves(plans):
+        clash = set(p.sharded_axes("", False)) & set(axes)
+        if clash:
+            raise ValueError(
+                f"a parameter with spec {p.spec} is split over {sorted(clash)}, which "
+                f"batch_specs also split the batch over; split the batch over other axes."
+            )
+
+
 def make_train_step(
     loss_fn: Callable[..., Any],
     optimizer: optax.GradientTransformation,
@@ -209,7 +252,11 @@ def make_train_step(
     - `mesh`: the mesh.
     - `strategy`: `"dp"`, `"zero1"`, `"zero2"`, `"fsdp"` or a `Strategy`.
     - `batch_specs`: one `PartitionSpec` per batch argument; default
-      `P(data_axis)` for each.
+      `P(data_axis)` for each. Every mesh axis they name splits the batch: e.g.
+      `P("data", "context")` for tokens with context parallelism. The loss is then
+      the mean over all those shards, and gradients of parameters replicated over
+      them are all-reduced over them (ZeRO and FSDP still split over the data axis
+      only).
     - `accumulation_steps`: split each device's batch into this many microbatches and
       sum their gradients before one update.
     - `clip_norm`: clip gradients to this global norm (computed across all devices).
@@ -233,11 +280,14 @@ def make_train_step(
             f"strategy data_axis {strategy.data_axis!r} is not an axis of the mesh {tuple(sizes)}."
         )
 
+    sample_axes = _sample_axes(batch_specs, strategy.data_axis, sizes)
     settings = _Settings(
         loss_fn,
         optimizer,
         strategy,
         sizes[strategy.data_axis],
+        sample_axes,
+        math.prod(sizes[a] for a in sample_axes),
         accumulation_steps,
         clip_norm,
         loss_scale,
@@ -247,6 +297,7 @@ def make_train_step(
     @eqx.filter_jit
     def step(state: TrainState, *batch: Any) -> tuple[TrainState, dict]:
         plans = plan(state.model, strategy, mesh)
+        _check_not_split_over(plans, sample_axes)
         specs = state_spec_tree(state, strategy, mesh)
         bspecs = (P(strategy.data_axis),) * len(batch) if batch_specs is None else batch_specs
         local = functools.partial(_local_step, s=settings, plans=plans)
