@@ -144,8 +144,10 @@ class Transformer(eqx.Module):
         """Vocab-parallel cross-entropy of `targets` at each position, in float32.
 
         The full logits are never gathered. `mask` (`(batch, seq)` bool) zeroes
-        positions. Dropout masks depend on the token position and head, not on the
-        batch row's global index: with the batch split over `"data"`, give each data
+        positions. With `context_parallel`, the positions of this device's context
+        shard (the train step averages the loss over `data` and `context`). Dropout
+        masks depend on the token's global position and head, not on the batch row's
+        global index: with the batch split over `"data"`, give each data
         shard its own `key` (`eqxpar.train.make_train_step` folds the data index in).
         """
         logits = self(tokens, key=key)

@@ -191,8 +191,8 @@ def lm_data(seed=0, batch=T_BATCH):
     return x[:, :-1], x[:, 1:]
 
 
-def dense_loss(model, x, y):
-    return jnp.mean(model.per_token_loss(x, y))
+def dense_loss(model, x, y, key=None):
+    return jnp.mean(model.per_token_loss(x, y, key=key))
 
 
 TRANSFORMER_CASES = [
@@ -200,6 +200,13 @@ TRANSFORMER_CASES = [
         dict(data=2, context=2, tensor=2),
         dict(context_parallel="ring", sequence_parallel=True),
         id="d2c2t2-ring-sp",
+    ),
+    # Residual dropout: masks follow the tokens' global positions, so they match the
+    # dense model's (one data shard: masks are drawn per position for the local rows).
+    pytest.param(
+        dict(context=4, tensor=2),
+        dict(context_parallel="ring", sequence_parallel=True, dropout=0.2),
+        id="c4t2-ring-sp-dropout",
     ),
     pytest.param(
         dict(context=8), dict(context_parallel="ring"), id="c8-ring", marks=pytest.mark.slow
@@ -222,10 +229,11 @@ def test_transformer_loss_and_gradients_equal_the_dense_model(sizes, changes):
     order = context_order(T_SEQ, c, layout=layout)
     inverse = context_order(T_SEQ, c, layout=layout, inverse=True)
     x, y = lm_data()
+    key = jax.random.key(7) if config.dropout else None
 
     def local(m, x, y):
         logits = m(x)
-        loss = jax.lax.pmean(jnp.mean(m.per_token_loss(x, y)), ("data", "context"))
+        loss = jax.lax.pmean(jnp.mean(m.per_token_loss(x, y, key=key)), ("data", "context"))
         return logits, loss
 
     mapped = ep.filter_shard_map(
@@ -243,7 +251,9 @@ def test_transformer_loss_and_gradients_equal_the_dense_model(sizes, changes):
 
     logits, loss, grads = run(ep.place(model, mesh), x, y)
     dense = model.with_config(context_parallel=None, sequence_parallel=False)
-    want_loss, want_grads = eqx.filter_jit(eqx.filter_value_and_grad(dense_loss))(dense, x, y)
+    want_loss, want_grads = eqx.filter_jit(eqx.filter_value_and_grad(dense_loss))(
+        dense, x, y, key=key
+    )
     np.testing.assert_allclose(logits[:, inverse], eqx.filter_jit(dense)(x), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
     grads = grads.with_config(context_parallel=None, sequence_parallel=False)
