@@ -247,9 +247,18 @@ def _varying_zeros(shape, like: tuple[Array, ...]) -> Array:
     return to_varying(jnp.zeros(shape, jnp.float32), axes) if axes else jnp.zeros(shape)
 
 
+def _tie(q: Array, q_pos: Array, k_pos_all: Array) -> tuple[Array, Array, Array]:
+    """Ties the positions to `q` (an optimization barrier), so that inside a scan over
+    layers JAX does not hoist the position-only part of the block loop (each block's
+    causal mask) out of the layer loop and store it for every block: `heads * s^2`
+    memory, the very thing the kernel avoids."""
+    return lax.optimization_barrier((q, q_pos, k_pos_all))
+
+
 def _attend_fwd(kernel, axis, q, k, v, q_pos, k_pos_all):
     """Forward over every key/value shard; `k_pos_all[j]`: positions of device j's keys
     (one row when nothing travels). Returns the output and the log-sum-exp."""
+    q, q_pos, k_pos_all = _tie(q, q_pos, k_pos_all)
     b, sq, kvh, g, d = q.shape
     c = k_pos_all.shape[0]
     idx = shard_index(axis) if c > 1 else 0
@@ -277,6 +286,7 @@ def _attend_fwd(kernel, axis, q, k, v, q_pos, k_pos_all):
 
 
 def _attend_bwd(kernel, axis, q, k, v, q_pos, k_pos_all, out, lse, do):
+    q, q_pos, k_pos_all = _tie(q, q_pos, k_pos_all)
     c = k_pos_all.shape[0]
     idx = shard_index(axis) if c > 1 else 0
     delta = jnp.einsum("bqkgd,bqkgd->bkgq", do.astype(jnp.float32), out.astype(jnp.float32))
