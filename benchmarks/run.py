@@ -13,7 +13,7 @@ import time
 from _common import add_run_flags, start_devices
 
 # Module names in benchmarks/; each has `main(argv)`.
-BENCHMARKS = ("tp_mlp", "transformer_compile", "memory", "pipeline")
+BENCHMARKS = ("tp_mlp", "transformer_compile", "memory", "pipeline", "context")
 
 
 def main(argv: list[str] | None = None) -> None:
