@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     # (device i holds chunks i and 2c-1-i) and the batch is split P("data", "context").
     order = ep.nn.context_order(seq, context)
     tokens = P("data", "context") if context > 1 else P("data")
+    batch_axes = ("data", "context") if context > 1 else "data"
 
     pipe_schedule = pipeline_schedule(args.schedule, virtual) if stages > 1 else None
 
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     @eqx.filter_jit
     def evaluate(model, x, y):
         fn = ep.filter_shard_map(
-            lambda m, x, y: jax.lax.pmean(loss_fn(m, x, y, None), ("data", "context")),
+            lambda m, x, y: jax.lax.pmean(loss_fn(m, x, y, None), batch_axes),
             mesh=mesh,
             in_specs=(None, tokens, tokens),
             out_specs=P(),
