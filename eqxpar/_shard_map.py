@@ -76,6 +76,14 @@ def varying_axes(x: jax.Array) -> frozenset:
     return frozenset() if mat is None else mat.varying
 
 
+def splits(x: jax.Array, axis: str) -> bool:
+    """Whether `x` may differ between devices along the bound mesh axis `axis`, as
+    `shard_map` tracks it; where it does not track varying values (`check_vma=False`),
+    `True` (assume the worst: split)."""
+    tracked = axis in varying_axes(jax.lax.axis_index(axis))
+    return axis in varying_axes(x) or not tracked
+
+
 def _check_replication(leaf: Any, spec: P, where: str, mesh: Any) -> None:
     """An output may vary only along the mesh axes its spec names (check_vma's rule,
     with the leaf's name and the fix)."""

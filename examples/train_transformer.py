@@ -2,6 +2,7 @@
 
     python examples/train_transformer.py --mesh data=2,tensor=4
     python examples/train_transformer.py --mesh data=2,context=4 --seq-len 512
+    python examples/train_transformer.py --mesh data=2,expert=4 --experts 8
 
 By default the corpus is Python's own documentation (the `pydoc_data` topics that ship
 with every CPython), so it runs offline; `--data FILE` trains on any text file. The
@@ -64,6 +65,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="ring",
         help="how attention crosses a sequence split over the context axis (--mesh context=C)",
     )
+    p.add_argument(
+        "--experts",
+        type=int,
+        default=0,
+        help="mixture of experts: experts per MoE block (0: dense MLPs), split over expert",
+    )
+    p.add_argument("--moe-every", type=int, default=1, help="every N-th block is an MoE block")
+    p.add_argument("--top-k", type=int, default=2, help="experts per token")
+    p.add_argument("--capacity-factor", type=float, default=1.25, help="MoE expert capacity factor")
     p.add_argument("--dropout", type=float, default=0.0, help="residual dropout rate")
     p.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clip")
     p.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps")
@@ -110,7 +120,17 @@ def main(argv: list[str] | None = None) -> dict:
     n = len(jax.devices())
     mesh, mesh_text = build_mesh(args.mesh or {"data": max(1, n // 4), "tensor": min(4, n)})
     data_size, tensor, stages = mesh.shape["data"], mesh.shape["tensor"], mesh.shape["pipeline"]
-    context = mesh.shape["context"]
+    context, experts = mesh.shape["context"], mesh.shape["expert"]
+    if experts > 1 and args.experts % experts:
+        sys.exit(
+            f"--experts: {args.experts} experts do not split over expert={experts}; "
+            f"use a multiple of {experts} (the expert axis holds the MoE experts)"
+        )
+    if args.batch_size % (data_size * experts):
+        sys.exit(
+            f"--batch-size: {args.batch_size} does not split over data={data_size} x "
+            f"expert={experts}; use a multiple of {data_size * experts}"
+        )
     if stages > 1 and args.dropout:
         sys.exit("--dropout: not supported on pipeline meshes yet; drop it or use pipeline=1")
     if stages > 1 and context > 1:
@@ -142,6 +162,10 @@ def main(argv: list[str] | None = None) -> dict:
             pipeline_stages=stages,
             virtual_stages=virtual,
             context_parallel=args.context_parallel if context > 1 else None,
+            num_experts=args.experts,
+            moe_every=args.moe_every,
+            top_k=args.top_k,
+            capacity_factor=args.capacity_factor,
         )
         warmup = min(50, args.steps // 10 + 1)
         schedule = optax.warmup_cosine_decay_schedule(
@@ -172,15 +196,17 @@ def main(argv: list[str] | None = None) -> dict:
     # With the sequence split over "context", tokens go in the load-balanced order
     # (device i holds chunks i and 2c-1-i) and the batch is split P("data", "context").
     order = ep.nn.context_order(seq, context)
-    tokens = P("data", "context") if context > 1 else P("data")
-    batch_axes = ("data", "context") if context > 1 else "data"
+    # The expert axis splits the batch too (GShard): each device routes its own tokens.
+    rows = ("data", "expert") if experts > 1 else "data"
+    tokens = P(rows, "context") if context > 1 else P(rows)
+    batch_axes = tuple(a for a in ("data", "expert", "context") if mesh.shape[a] > 1) or "data"
 
     pipe_schedule = pipeline_schedule(args.schedule, virtual) if stages > 1 else None
 
     def loss_fn(model, x, y, key):  # this data shard's mean; key: per step and shard
         if stages > 1:
             return model.loss(x, y, schedule=pipe_schedule, microbatches=micro)
-        return jnp.mean(model.per_token_loss(x, y, key=key))
+        return model.loss_and_metrics(x, y, key=key)  # (loss, MoE metrics, if any)
 
     step_fn = ep.train.make_train_step(
         loss_fn,
@@ -191,10 +217,15 @@ def main(argv: list[str] | None = None) -> dict:
         batch_specs=(tokens, tokens),
     )
 
+    def held_out_loss(model, x, y):  # cross-entropy only (no MoE auxiliary losses)
+        if stages > 1:
+            return model.loss(x, y, schedule=pipe_schedule, microbatches=micro)
+        return jnp.mean(model.per_token_loss(x, y))
+
     @eqx.filter_jit
     def evaluate(model, x, y):
         fn = ep.filter_shard_map(
-            lambda m, x, y: jax.lax.pmean(loss_fn(m, x, y, None), batch_axes),
+            lambda m, x, y: jax.lax.pmean(held_out_loss(m, x, y), batch_axes),
             mesh=mesh,
             in_specs=(None, tokens, tokens),
             out_specs=P(),
@@ -210,6 +241,8 @@ def main(argv: list[str] | None = None) -> dict:
         return windows(train, batch, np.random.default_rng([args.seed, i]))
 
     context_text = f", context: {args.context_parallel}" if context > 1 else ""
+    if args.experts:
+        context_text += f", MoE: {args.experts} experts, top-{args.top_k}, every {args.moe_every}"
     eval_x, eval_y = windows(held_out, 4 * batch, np.random.default_rng([args.seed, 2**31]))
     print(
         f"Transformer: {count_params(state.model) / 1e6:.2f}M params, {config.num_layers} layers x "

@@ -11,6 +11,7 @@ from jaxtyping import Array, PRNGKeyArray
 from eqxpar.nn import (
     KVCache,
     LayerNorm,
+    MoE,
     ParallelAttention,
     ParallelMLP,
     RMSNorm,
@@ -33,16 +34,17 @@ def make_norm(config: TransformerConfig) -> RMSNorm | LayerNorm:
 
 
 class TransformerBlock(eqx.Module):
-    """Pre-norm block: `x + drop(attn(norm(x)))`, then `x + drop(mlp(norm(x)))`."""
+    """Pre-norm block: `x + drop(attn(norm(x)))`, then `x + drop(mlp(norm(x)))`; the
+    MLP is a mixture of experts (`MoE`) in an MoE block."""
 
     attn_norm: RMSNorm | LayerNorm
     attn: ParallelAttention
     mlp_norm: RMSNorm | LayerNorm
-    mlp: ParallelMLP
+    mlp: ParallelMLP | MoE
     dropout: float = eqx.field(static=True)
     config: TransformerConfig = eqx.field(static=True)
 
-    def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
+    def __init__(self, config: TransformerConfig, *, moe: bool = False, key: PRNGKeyArray):
         ka, km = jax.random.split(key)
         kw: dict[str, Any] = dict(
             use_bias=config.use_bias,
@@ -65,8 +67,23 @@ class TransformerBlock(eqx.Module):
             key=ka,
         )
         self.mlp_norm = make_norm(config)
-        self.mlp = ParallelMLP(
-            config.dim, config.hidden, activation=config.activation, **kw, key=km
+        self.mlp = (
+            MoE(
+                config.dim,
+                config.hidden,
+                config.num_experts,
+                top_k=config.top_k,
+                capacity_factor=config.capacity_factor,
+                activation=config.activation,
+                expert_axis=config.expert_axis,
+                axis_name=config.axis_name,
+                router_z_loss=config.router_z_loss,
+                load_balance_loss=config.load_balance_loss,
+                dtype=config.param_dtype,
+                key=km,
+            )
+            if moe
+            else ParallelMLP(config.dim, config.hidden, activation=config.activation, **kw, key=km)
         )
         self.dropout = config.dropout
         self.config = config
@@ -75,8 +92,9 @@ class TransformerBlock(eqx.Module):
         self, x: Array, key: PRNGKeyArray | None = None, cache: KVCache | None = None
     ) -> Any:
         """`x: (batch, seq, dim)` (a sequence block with SP, a context shard with context
-        parallelism); with a cache, also returns the updated cache. Dropout masks follow
-        the tokens' global positions, so they do not depend on the mesh."""
+        parallelism); with a cache, also returns the updated cache; an MoE block
+        without a cache returns `(x, MoEStats)`. Dropout masks follow the tokens'
+        global positions, so they do not depend on the mesh."""
         keys = (None,) * 3 if key is None else tuple(jax.random.split(key, 3))
         c = self.config
         index = token_positions(
@@ -89,6 +107,12 @@ class TransformerBlock(eqx.Module):
         if cache is not None:
             h, cache = h
         x = x + indexed_dropout(h, self.dropout, keys[1], index=index, axis=1)
-        h = self.mlp(self.mlp_norm(x))
+        stats = None
+        if isinstance(self.mlp, MoE):  # decoding (a cache): a few tokens, drop none
+            h, stats = self.mlp(self.mlp_norm(x), dropless=cache is not None)
+        else:
+            h = self.mlp(self.mlp_norm(x))
         x = x + indexed_dropout(h, self.dropout, keys[2], index=index, axis=1)
-        return x if cache is None else (x, cache)
+        if cache is not None:
+            return x, cache
+        return x if stats is None else (x, stats)

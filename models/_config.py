@@ -51,6 +51,11 @@ class TransformerConfig:
       `filter_shard_map` tokens and targets come in `P("data", "context")`, in
       `eqxpar.nn.context_order` for the `"load_balanced"` `context_layout` (or plain
       blocks for `"contiguous"`), and logits go out `P("data", "context", "tensor")`.
+    - `num_experts`: `0` (dense MLPs), or the experts of every `moe_every`-th block's
+      MLP (blocks `moe_every - 1`, `2 * moe_every - 1`, ...), an `eqxpar.nn.MoE` with
+      `top_k`, `capacity_factor`, the auxiliary-loss coefficients `router_z_loss` and
+      `load_balance_loss`, its experts split over `expert_axis`. Inside
+      `filter_shard_map` the batch is split over `("data", "expert")`.
     """
 
     vocab_size: int = 256
@@ -79,6 +84,13 @@ class TransformerConfig:
     context_parallel: ContextStrategy | None = None
     context_axis: str = ep.CONTEXT
     context_layout: Layout = "load_balanced"
+    num_experts: int = 0
+    moe_every: int = 1
+    top_k: int = 2
+    capacity_factor: float = 1.25
+    router_z_loss: float = 1e-3
+    load_balance_loss: float = 1e-2
+    expert_axis: str = ep.EXPERT
 
     def __post_init__(self):
         def bad(field: str, why: str):
@@ -118,11 +130,33 @@ class TransformerConfig:
                 "attention_dropout",
                 "attention dropout is not supported with context_parallel; set it to 0",
             )
+        if self.num_experts:
+            self._check_moe(bad)
         if self.num_layers % self.chunks:
             bad(
                 "num_layers",
                 f"must split into pipeline_stages x virtual_stages = {self.chunks} chunks",
             )
+
+    def _check_moe(self, bad: Any) -> None:
+        if self.num_experts < self.top_k or self.top_k < 1:
+            bad("top_k", f"must be in [1, num_experts={self.num_experts}]")
+        if self.moe_every < 1 or self.num_layers % self.moe_every:
+            bad("moe_every", f"must be >= 1 and divide num_layers={self.num_layers}")
+        if self.capacity_factor <= 0:
+            bad("capacity_factor", "must be > 0")
+        for field, why in (
+            ("pipeline_stages", "pipeline parallelism"),
+            ("context_parallel", "context parallelism"),
+            ("sequence_parallel", "sequence parallelism"),
+        ):
+            if getattr(self, field) not in (None, False, 1):
+                bad(field, f"{why} with num_experts > 0 is not supported yet")
+
+    @property
+    def moe_layers(self) -> int:
+        """How many blocks are MoE blocks (`num_layers / moe_every`, or 0)."""
+        return self.num_layers // self.moe_every if self.num_experts else 0
 
     @property
     def chunks(self) -> int:
@@ -148,20 +182,40 @@ class TransformerConfig:
     def hidden(self) -> int:
         return 4 * self.dim if self.mlp_dim is None else self.mlp_dim
 
+    def _sizes(self) -> tuple[int, int, int, int]:
+        """Parameters of a block's attention and two norms, of its dense MLP, of one
+        expert's MLP (no biases) and of one norm."""
+        c = self
+        d, hd, h, kv = c.dim, c.head_dim, c.num_heads, c.kv_heads
+        bias = int(c.use_bias)
+        attn = d * (h + 2 * kv) * hd + h * hd * d + bias * ((h + 2 * kv) * hd + d)
+        norm = d * (2 if c.norm == "layernorm" and c.use_bias else 1)
+        up = (2 if c.activation == "swiglu" else 1) * c.hidden
+        expert = d * up + c.hidden * d
+        return attn + 2 * norm, expert + bias * (up + d), expert, norm
+
+    def _count(self, experts_used: int) -> int:
+        """Parameters, counting `experts_used` experts per MoE block."""
+        c = self
+        block, mlp, expert, norm = self._sizes()
+        moe = c.moe_layers
+        layers = c.num_layers * block + (c.num_layers - moe) * mlp
+        layers += moe * (c.num_experts * c.dim + experts_used * expert)
+        head = 0 if c.tie_embeddings else c.vocab_size * c.dim
+        return c.vocab_size * c.dim + layers + norm + head
+
     @property
     def num_params(self) -> int:
         """The number of parameters of `Transformer(config)`, from the sizes alone
-        (`models.count_params(model)` counts a built model's arrays)."""
-        c = self
-        d, hd, h, kv = c.dim, c.head_dim, c.num_heads, c.kv_heads
-        up = (2 if c.activation == "swiglu" else 1) * c.hidden
-        bias = int(c.use_bias)
-        attn = d * (h + 2 * kv) * hd + h * hd * d + bias * ((h + 2 * kv) * hd + d)
-        mlp = d * up + c.hidden * d + bias * (up + d)
-        norm = d * (2 if c.norm == "layernorm" and c.use_bias else 1)
-        per_layer = attn + mlp + 2 * norm
-        head = 0 if c.tie_embeddings else c.vocab_size * d
-        return c.vocab_size * d + c.num_layers * per_layer + norm + head
+        (`models.count_params(model)` counts a built model's arrays); with MoE, every
+        expert's."""
+        return self._count(self.num_experts)
+
+    @property
+    def num_active_params(self) -> int:
+        """Parameters one token uses: with MoE, `top_k` experts per MoE block (and the
+        router); without, `num_params`."""
+        return self._count(self.top_k) if self.num_experts else self.num_params
 
     def replace(self, **changes: Any) -> TransformerConfig:
         """A copy with some fields changed (validated again)."""
@@ -200,6 +254,10 @@ SAME_WEIGHTS: tuple[str, ...] = (
     "context_parallel",
     "context_axis",
     "context_layout",
+    "capacity_factor",
+    "router_z_loss",
+    "load_balance_loss",
+    "expert_axis",
 )
 """The `TransformerConfig` fields `Transformer.with_config` may change: switches of
 how the same weights are computed (positions are rotary, so `max_seq_len` holds no
@@ -218,20 +276,20 @@ def param_count(config: TransformerConfig) -> int:
 
 
 def flops_per_token(config: TransformerConfig, seq_len: int, *, training: bool = True) -> int:
-    """Matmul FLOPs per token: `2 x` the matmul parameters (head included, embedding
-    lookup not) plus attention's `4 * seq_len * num_heads * head_dim` per layer (scores
+    """Matmul FLOPs per token: `2 x` the matmul parameters a token uses (head
+    included, embedding lookup not; in an MoE block the router and `top_k` experts)
+    plus attention's `4 * seq_len * num_heads * head_dim` per layer (scores
     and weighted sum, the full square as Megatron counts it); `x 3` for training
     (forward + backward)."""
     c = config
     up = (2 if c.activation == "swiglu" else 1) * c.hidden
+    attn = c.dim * (c.num_heads + 2 * c.kv_heads) * c.head_dim + c.num_heads * c.head_dim * c.dim
+    mlp = c.dim * up + c.hidden * c.dim
+    moe = c.moe_layers  # an MoE block: the router and top_k experts per token
     matmul = (
-        c.num_layers
-        * (
-            c.dim * (c.num_heads + 2 * c.kv_heads) * c.head_dim
-            + c.num_heads * c.head_dim * c.dim
-            + c.dim * up
-            + c.hidden * c.dim
-        )
+        c.num_layers * attn
+        + (c.num_layers - moe) * mlp
+        + moe * (c.num_experts * c.dim + c.top_k * mlp)
         + c.vocab_size * c.dim
     )
     attention = c.num_layers * 4 * seq_len * c.num_heads * c.head_dim

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Int, PRNGKeyArray
 
 from eqxpar.collectives import shard_count, shard_index
-from eqxpar.nn import KVCache, scan_layers, vocab_parallel_argmax
+from eqxpar.nn import KVCache, vocab_parallel_argmax
 
 if TYPE_CHECKING:
     from ._transformer import Transformer
@@ -68,7 +68,7 @@ def generate(
 
 def _decode(model: Transformer, tokens: Array, caches: KVCache) -> tuple[Array, KVCache]:
     """Runs `tokens` through every layer with the caches: the last position's logits."""
-    x, caches = scan_layers(model.flat_layers(), model.embed(tokens), cache=caches)
+    (x, caches), _ = model.blocks(model.embed(tokens), cache=caches)
     return model._logits(model.norm(x[:, -1:]))[:, 0], caches
 
 

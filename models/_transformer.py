@@ -15,6 +15,7 @@ from eqxpar.collectives import axis_size, shard_count
 from eqxpar.nn import (
     ColumnParallelLinear,
     LayerNorm,
+    MoEStats,
     RMSNorm,
     VocabParallelEmbedding,
     scan_layers,
@@ -42,7 +43,8 @@ class Transformer(eqx.Module):
     """
 
     embed: VocabParallelEmbedding
-    layers: TransformerBlock = eqx.field(metadata=ep.stacked("layer_dims"))
+    layers: TransformerBlock | None = eqx.field(metadata=ep.stacked("layer_dims"))
+    moe_layers: TransformerBlock | None = eqx.field(metadata=ep.stacked(None))
     norm: RMSNorm | LayerNorm
     head: ColumnParallelLinear | None
     config: TransformerConfig = eqx.field(static=True)
@@ -64,10 +66,17 @@ class Transformer(eqx.Module):
         )
         # GPT-2's N(0, 0.02) table: sensible logits when the head is tied.
         self.embed = eqx.tree_at(lambda e: e.weight, embed, 0.02 * embed.weight)
-        layers = eqx.filter_vmap(lambda k: TransformerBlock(config, key=k))(
-            jax.random.split(kl, config.num_layers)
-        )
-        self.layers = _stack_as(layers, config)
+        moe, dense = config.moe_layers, config.num_layers - config.moe_layers
+        keys = jax.random.split(kl, config.num_layers)
+        self.layers = None
+        if dense:
+            layers = eqx.filter_vmap(lambda k: TransformerBlock(config, key=k))(keys[:dense])
+            self.layers = _stack_as(layers, config)
+        self.moe_layers = None
+        if moe:
+            self.moe_layers = eqx.filter_vmap(lambda k: TransformerBlock(config, moe=True, key=k))(
+                keys[dense:]
+            )
         self.norm = make_norm(config)
         self.head = (
             None
@@ -90,18 +99,43 @@ class Transformer(eqx.Module):
         return self.config.layer_dims
 
     def flat_layers(self) -> TransformerBlock:
-        """The layers stacked `(num_layers, ...)` in order, whatever the pipeline layout."""
+        """The (dense) layers stacked `(num_layers, ...)` in order, whatever the pipeline
+        layout. With MoE blocks, the dense blocks only (`blocks` runs them all)."""
+        if self.layers is None:
+            raise ValueError("flat_layers: every block of this model is an MoE block.")
         return jax.tree.map(lambda a: a.reshape(-1, *a.shape[len(self.layer_dims) :]), self.layers)
+
+    def blocks(
+        self, x: Array, *, key: PRNGKeyArray | None = None, cache: Any = None
+    ) -> tuple[Any, MoEStats | None]:
+        """Runs every block in order (one scan): `(x, None)` for a dense model,
+        `(x, stats)` with the MoE blocks' `MoEStats` summed over them; with a `cache`
+        (stacked `(num_layers, ...)` in layer order), `((x, cache), None)`."""
+        c = self.config
+        self._check_not_pipelined("running the layers in order")
+        if self.moe_layers is None:
+            out = scan_layers(self.flat_layers(), x, key=key, cache=cache, remat_policy=c.remat)
+            return out, None
+        group = _MoEGroup(self._grouped_dense(), self.moe_layers)
+        if cache is not None:
+            (x, grouped) = scan_layers(group, x, key=key, cache=_group(cache, c.moe_every))
+            return (x, _ungroup(grouped)), None
+        x, stats = scan_layers(group, x, key=key, remat_policy=c.remat, with_aux=True)
+        return x, jax.tree.map(functools.partial(jnp.sum, axis=0), stats)
+
+    def _grouped_dense(self) -> TransformerBlock | None:
+        """The dense blocks as `(num_moe_layers, moe_every - 1, ...)`: the ones before
+        each MoE block."""
+        if self.layers is None:
+            return None
+        groups = self.config.moe_layers
+        return jax.tree.map(lambda a: a.reshape(groups, -1, *a.shape[1:]), self.flat_layers())
 
     def _cast(self) -> Transformer:
         dtype = jnp.dtype(self.config.compute_dtype)
         if dtype == jnp.dtype(self.config.param_dtype):
             return self
         return jax.tree.map(lambda p: p.astype(dtype) if eqx.is_inexact_array(p) else p, self)
-
-    def _layers(self, x: Array, key: PRNGKeyArray | None) -> Array:
-        self._check_not_pipelined("running the layers in order")
-        return scan_layers(self.flat_layers(), x, key=key, remat_policy=self.config.remat)
 
     def _logits(self, x: Array) -> Array:
         if self.head is not None:
@@ -121,6 +155,10 @@ class Transformer(eqx.Module):
 
         Per-shard logits `(batch, seq, vocab_size / t)` in the compute dtype.
         """
+        return self._forward(tokens, key)[0]
+
+    def _forward(self, tokens: Array, key: PRNGKeyArray | None) -> tuple[Array, Any]:
+        """Logits and the MoE blocks' summed `MoEStats` (`None` without MoE)."""
         c = self.config
         length = tokens.shape[1] * (shard_count(c.context_axis) if c.context_parallel else 1)
         if length > c.max_seq_len:
@@ -130,8 +168,8 @@ class Transformer(eqx.Module):
         model = self._cast()
         with jax.named_scope("models.Transformer"):
             x = model.embed(tokens)
-            x = model._layers(x, key)
-            return model._logits(model.norm(x))
+            x, stats = model.blocks(x, key=key)
+            return model._logits(model.norm(x)), stats
 
     def per_token_loss(
         self,
@@ -149,11 +187,38 @@ class Transformer(eqx.Module):
         masks depend on the token's global position and head, not on the batch row's
         global index: with the batch split over `"data"`, give each data
         shard its own `key` (`eqxpar.train.make_train_step` folds the data index in).
+        With MoE blocks this is the cross-entropy alone: `loss` and `loss_and_metrics`
+        add the auxiliary losses.
         """
         logits = self(tokens, key=key)
         return vocab_parallel_cross_entropy(
             logits, targets, axis_name=self.config.axis_name, where=mask
         )
+
+    def loss_and_metrics(
+        self,
+        tokens: Int[Array, "batch seq"],
+        targets: Int[Array, "batch seq"],
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> tuple[Array, dict[str, Array]]:
+        """`(loss, metrics)`: the mean cross-entropy over this device's batch plus, with
+        MoE blocks, their auxiliary losses (summed over the blocks); `metrics` then
+        holds `moe_dropped_fraction` (mean over MoE blocks), `moe_load_balance_loss`
+        and `moe_z_loss` (means over MoE blocks), else it is empty. A `loss_fn` for
+        `eqxpar.train.make_train_step` can return it as it is."""
+        logits, stats = self._forward(tokens, key)
+        ce = vocab_parallel_cross_entropy(logits, targets, axis_name=self.config.axis_name)
+        loss = jnp.mean(ce)
+        if stats is None:
+            return loss, {}
+        n = self.config.moe_layers
+        metrics = {
+            "moe_dropped_fraction": stats.dropped_fraction / n,
+            "moe_load_balance_loss": stats.load_balance_loss / n,
+            "moe_z_loss": stats.z_loss / n,
+        }
+        return loss + stats.aux_loss, metrics
 
     def loss(
         self,
@@ -164,7 +229,8 @@ class Transformer(eqx.Module):
         schedule: Any = None,
         microbatches: int = 1,
     ) -> Float[Array, ""]:
-        """Mean next-token cross-entropy over this device's batch.
+        """Mean next-token cross-entropy over this device's batch (plus, with MoE
+        blocks, their auxiliary losses: see `loss_and_metrics`).
 
         With `pipeline_stages > 1`, inside `filter_shard_map` with the pipeline axis
         bound, the batch is split into `microbatches` and run through `schedule` (an
@@ -174,7 +240,7 @@ class Transformer(eqx.Module):
         """
         c = self.config
         if c.chunks == 1 or axis_size(c.pipeline_axis) is None:
-            return jnp.mean(self.per_token_loss(tokens, targets, key=key))
+            return self.loss_and_metrics(tokens, targets, key=key)[0]
         if key is not None and (c.dropout or c.attention_dropout):
             raise ValueError("Transformer.loss: dropout is not supported with pipelining yet.")
         model = self._cast()
@@ -289,3 +355,41 @@ class _TiedHead(eqx.Module):
 
     def __call__(self, x: Array) -> Array:
         return self.embed.attend(x, collective_matmul=self.collective_matmul)
+
+
+class _MoEGroup(eqx.Module):
+    """`moe_every - 1` dense blocks (stacked, or `None`) then one MoE block: the unit
+    the scan over layers repeats in a model with MoE blocks."""
+
+    dense: TransformerBlock | None
+    moe: TransformerBlock
+
+    def __call__(self, x: Array, key: PRNGKeyArray | None = None, cache: Any = None) -> Any:
+        kd, km = (None, None) if key is None else tuple(jax.random.split(key))
+        dense_cache, moe_cache = (None, None) if cache is None else cache
+        if self.dense is not None:
+            x = scan_layers(self.dense, x, key=kd, cache=dense_cache)
+            if cache is not None:
+                x, dense_cache = x
+        out = self.moe(x, km, moe_cache)
+        if cache is None:
+            return out  # (x, stats)
+        x, moe_cache = out
+        return x, (dense_cache, moe_cache)
+
+
+def _group(cache: Any, every: int) -> Any:
+    """Caches stacked `(num_layers, ...)` in layer order -> per group: the dense
+    blocks' `(groups, every - 1, ...)` (or `None`) and the MoE block's `(groups, ...)`."""
+    grouped = jax.tree.map(lambda a: a.reshape(-1, every, *a.shape[1:]), cache)
+    dense = jax.tree.map(lambda a: a[:, :-1], grouped) if every > 1 else None
+    return dense, jax.tree.map(lambda a: a[:, -1], grouped)
+
+
+def _ungroup(grouped: Any) -> Any:
+    dense, moe = grouped
+    moe = jax.tree.map(lambda a: a[:, None], moe)
+    if dense is not None:
+        moe = jax.tree.map(lambda d, m: jnp.concatenate([d, m], 1), dense, moe)
+    both = moe
+    return jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), both)

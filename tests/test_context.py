@@ -232,6 +232,7 @@ TRANSFORMER_CASES = [
         dict(context=4, tensor=2),
         dict(context_parallel="ring", sequence_parallel=True, dropout=0.2),
         id="c4t2-ring-sp-dropout",
+        marks=pytest.mark.slow,
     ),
     pytest.param(
         dict(context=8), dict(context_parallel="ring"), id="c8-ring", marks=pytest.mark.slow

@@ -248,6 +248,42 @@ def test_transformer_on_a_context_mesh(tmp_path):
     assert len(result["sample"]) == len(b"The ") + 8
 
 
+@pytest.mark.slow  # MoE parity and training on data x expert are tested in test_moe.py
+def test_transformer_with_experts_learns_real_text(tmp_path, capsys):
+    import train_transformer
+
+    result = train_transformer.main(
+        [
+            "--mesh",
+            "data=2,expert=4",
+            "--experts",
+            "8",
+            "--moe-every",
+            "2",
+            "--steps",
+            "60",
+            "--layers",
+            "2",
+            "--dim",
+            "64",
+            "--seq-len",
+            "64",
+            "--eval-every",
+            "60",
+            "--sample-tokens",
+            "8",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    evals = [r["eval_loss"] for r in result["rows"] if "eval_loss" in r]
+    assert evals[-1] < result["baseline"]
+    rows = [r for r in result["rows"] if "loss" in r]
+    assert all(0.0 <= r["moe_dropped_fraction"] < 1.0 for r in rows)
+    assert rows[-1]["moe_dropped_fraction"] < 0.5  # the balance loss spreads the tokens
+    assert "moe_dropped_fraction" in capsys.readouterr().out  # in the progress lines
+
+
 @pytest.mark.parametrize(
     "flags,message",
     [
@@ -262,6 +298,10 @@ def test_transformer_on_a_context_mesh(tmp_path):
         (
             ["--mesh", "data=2,context=4", "--seq-len", "60"],
             "--seq-len: 60 does not split into 2 * context = 8 chunks",
+        ),
+        (
+            ["--mesh", "data=2,expert=4", "--experts", "6"],
+            "--experts: 6 experts do not split over expert=4",
         ),
         (["--data", "/no/such/file"], "--data: /no/such/file is not a file"),
         (["--heads", "3"], "model: TransformerConfig.dim=128: must be divisible by num_heads=3"),

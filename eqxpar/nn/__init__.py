@@ -1,5 +1,5 @@
 """Parallel layers: tensor-parallel linear layers, embeddings, attention (ring attention
-over a context axis), MLP, norms, loss."""
+over a context axis), MLP, mixture of experts, norms, loss."""
 
 from ._attention import KVCache as KVCache
 from ._attention import ParallelAttention as ParallelAttention
@@ -23,6 +23,9 @@ from ._linear import column_parallel_matmul as column_parallel_matmul
 from ._loss import vocab_parallel_argmax as vocab_parallel_argmax
 from ._loss import vocab_parallel_cross_entropy as vocab_parallel_cross_entropy
 from ._mlp import ParallelMLP as ParallelMLP
+from ._moe import MoE as MoE
+from ._moe import MoEStats as MoEStats
+from ._moe import capacity as capacity
 from ._norm import LayerNorm as LayerNorm
 from ._norm import RMSNorm as RMSNorm
 from ._stack import REMAT as REMAT

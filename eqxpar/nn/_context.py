@@ -183,8 +183,9 @@ class _Kernel:
             seen = _visible(self._slice(q_pos, i, 0), self._slice(k_pos, j, 0))
             return lax.cond(seen, lambda c: compute(c, i, j), lambda c: c, carry), None
 
-        if nq * nk == 1:
-            return step(carry, jnp.zeros((), jnp.int32))[0]
+        if nq * nk == 1:  # one block, on the diagonal: always computed
+            zero = jnp.zeros((), jnp.int32)
+            return compute(carry, zero, zero)
         return lax.scan(step, carry, jnp.arange(nq * nk))[0]
 
     def forward(self, q, k, v, q_pos, k_pos, stats):

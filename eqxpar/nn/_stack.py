@@ -66,6 +66,7 @@ def scan_layers(
     key: PRNGKeyArray | None = None,
     cache: Any = None,
     remat_policy: Remat = "none",
+    with_aux: bool = False,
 ) -> Any:
     """Runs a stack of layers in order with one `jax.lax.scan`.
 
@@ -81,11 +82,15 @@ def scan_layers(
     - `key`: split into `L` keys, one per layer; `None` calls the layers without one.
     - `cache`: a pytree whose arrays have a leading dim `L` (e.g. stacked KV caches).
     - `remat_policy`: checkpoint each layer with `remat` (see there).
+    - `with_aux`: each layer returns `(x, aux)` (e.g. an MoE layer's `MoEStats`).
 
     **Returns:**
 
-    The last layer's output; with a `cache`, `(output, updated stacked cache)`.
+    The last layer's output; with a `cache`, `(output, updated stacked cache)`; with
+    `with_aux`, `(output, aux stacked over the layers)`.
     """
+    if with_aux and cache is not None:
+        raise ValueError("scan_layers: with_aux and cache cannot be combined.")
     dynamic, static = eqx.partition(layers, eqx.is_array)
     num = jax.tree.leaves(dynamic)[0].shape[0]
     keys = None if key is None else jax.random.split(key, num)
@@ -94,9 +99,9 @@ def scan_layers(
         layer, k, c = xs
         layer = eqx.combine(layer, static)
         kwargs: dict[str, Any] = {} if k is None else {"key": k}
-        if c is None:
-            return layer(x, **kwargs), None
-        return layer(x, **kwargs, cache=c)
+        if c is not None:
+            return layer(x, **kwargs, cache=c)
+        return layer(x, **kwargs) if with_aux else (layer(x, **kwargs), None)
 
-    x, cache = jax.lax.scan(remat(body, remat_policy), x, (dynamic, keys, cache))
-    return x if cache is None else (x, cache)
+    x, ys = jax.lax.scan(remat(body, remat_policy), x, (dynamic, keys, cache))
+    return x if ys is None else (x, ys)

@@ -42,7 +42,9 @@ def fit(
     **Arguments:**
 
     - `step_fn`: `step_fn(state, *batch) -> (state, metrics)`, as `make_train_step`
-      returns; `metrics["loss"]` is required.
+      returns; `metrics["loss"]` is required. Other scalar metrics (beyond
+      `grad_norm` and `finite`, e.g. an MoE's `moe_dropped_fraction`) are written
+      to each row and shown in the progress line.
     - `state`: the `TrainState` to start from.
     - `batch_fn`: `batch_fn(i) -> batch tuple` for batch index `i`.
     - `steps`: stop after batch `steps - 1`.
@@ -114,11 +116,13 @@ def fit(
             row = {"step": i, "loss": loss, "step_time_s": dt}
             if "grad_norm" in metrics:
                 row["grad_norm"] = float(metrics["grad_norm"])
+            extra = {k: float(v) for k, v in metrics.items() if k not in _STEP_METRICS}
+            row.update(extra)
             if items_per_step:
                 row["items_per_s"] = items_per_step / dt
             record(row)
             done = i + 1
-            bar.update(done, loss, dt)
+            bar.update(done, loss, dt, extra)
             if eval_fn is not None and eval_every and (done % eval_every == 0 or done == steps):
                 evaluated = {k: float(v) for k, v in eval_fn(state).items()}
                 record({"step": i, **{f"eval_{k}": v for k, v in evaluated.items()}})
@@ -238,6 +242,11 @@ def _progress(
     return lines
 
 
+_STEP_METRICS = ("loss", "grad_norm", "finite")
+"""The train step's own metrics; any other (a loss function's, e.g. an MoE's dropped
+fraction) is recorded in each row and shown in the progress line."""
+
+
 class _Lines:
     """Progress as a plain line every `every` steps and after the last (none if `every`
     is None); messages as printed lines."""
@@ -246,14 +255,15 @@ class _Lines:
         self.steps, self.every, self.items_per_step = steps, every, items_per_step
         self.time, self.count = 0.0, 0
 
-    def update(self, done: int, loss: float, dt: float) -> None:
+    def update(self, done: int, loss: float, dt: float, extra: dict | None = None) -> None:
         self.time, self.count = self.time + dt, self.count + 1
         if self.every is None or (done % self.every and done != self.steps):
             return
         mean = self.time / self.count
         rate = f"  {self.items_per_step / mean:,.0f} items/s" if self.items_per_step else ""
+        more = "".join(f"  {k} {v:.4g}" for k, v in (extra or {}).items())
         print(
-            f"step {done}/{self.steps}  loss {loss:.4f}{rate}  {1e3 * mean:.0f} ms/step",
+            f"step {done}/{self.steps}  loss {loss:.4f}{more}{rate}  {1e3 * mean:.0f} ms/step",
             flush=True,
         )
         self.time, self.count = 0.0, 0
@@ -274,9 +284,12 @@ class _Bar:
         self.items_per_step = items_per_step
         self.bar = tqdm(total=steps, initial=start, desc="train", unit="step", mininterval=1.0)
 
-    def update(self, done: int, loss: float, dt: float) -> None:
+    def update(self, done: int, loss: float, dt: float, extra: dict | None = None) -> None:
         rate = f"{self.items_per_step / dt:,.0f}" if self.items_per_step else "-"
-        self.bar.set_postfix(loss=f"{loss:.4f}", per_s=rate, ms=f"{1e3 * dt:.0f}", refresh=False)
+        more = {k: f"{v:.4g}" for k, v in (extra or {}).items()}
+        self.bar.set_postfix(
+            loss=f"{loss:.4f}", **more, per_s=rate, ms=f"{1e3 * dt:.0f}", refresh=False
+        )
         self.bar.update(1)
 
     def write(self, text: str) -> None:

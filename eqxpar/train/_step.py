@@ -73,7 +73,8 @@ def _fsdp_view(plans: Any, model: Any, axis: str) -> Any:
 
 
 def _loss_and_grads(s: _Settings, plans: Any, params: Any, static: Any, batch: tuple, key: Any):
-    """This device's (scaled) loss and unreduced gradients, accumulated over microbatches."""
+    """This device's (scaled) loss, the loss function's own metrics and the unreduced
+    gradients, accumulated (averaged) over microbatches."""
     axis = s.strategy.data_axis
     # Differentiate with respect to parameters marked as varying over the axes that
     # split the batch, so each device's gradient comes back unreduced and the strategy
@@ -82,44 +83,52 @@ def _loss_and_grads(s: _Settings, plans: Any, params: Any, static: Any, batch: t
 
     def local_loss(p, micro, k):
         model = _fsdp_view(plans, eqx.combine(p, static), axis)
-        return s.loss_fn(model, *micro, k) * s.scale
+        out = s.loss_fn(model, *micro, k)
+        loss, metrics = out if isinstance(out, tuple) else (out, {})
+        return loss * s.scale, metrics
 
-    grad_fn = jax.value_and_grad(local_loss)
+    grad_fn = jax.value_and_grad(local_loss, has_aux=True)
     n = s.accumulation_steps
     if n == 1:
-        return grad_fn(varying, batch, key)
+        (loss, metrics), grads = grad_fn(varying, batch, key)
+        return loss, metrics, grads
 
     def accumulate(carry, xs):
         micro, i = xs
-        value, g = grad_fn(varying, micro, jax.random.fold_in(key, i))
-        return (carry[0] + value, jax.tree.map(jnp.add, carry[1], g)), None
+        (value, metrics), g = grad_fn(varying, micro, jax.random.fold_in(key, i))
+        return (carry[0] + value, jax.tree.map(jnp.add, carry[1], g)), metrics
 
     zero = (
         to_varying(jnp.zeros((), jnp.float32), s.batch_axes),
         jax.tree.map(jnp.zeros_like, varying),
     )
-    (loss, grads), _ = lax.scan(accumulate, zero, (_microbatches(batch, n), jnp.arange(n)))
-    return loss / n, jax.tree.map(lambda g: g / n, grads)
+    micro = (_microbatches(batch, n), jnp.arange(n))
+    (loss, grads), metrics = lax.scan(accumulate, zero, micro)
+    mean = functools.partial(jnp.mean, axis=0)
+    return loss / n, jax.tree.map(mean, metrics), jax.tree.map(lambda g: g / n, grads)
 
 
 def _reduce(s: _Settings, plans: Any, grads: Any, loss: Any) -> tuple[Any, Any]:
     """Mean gradients and loss over the axes that split the batch, each gradient in
     the layout the strategy keeps it in (`LeafPlan.grad_split`): ZeRO and FSDP
-    split over the data axis; the other batch axes (context) are all-reduced."""
+    split over the data axis; the other batch axes (context, expert) are all-reduced,
+    except for a parameter split over one of them (an expert's weights over
+    `"expert"`): its all-to-alls already brought every shard's tokens to it."""
     axis, kind = s.strategy.data_axis, s.strategy.kind
     divide = s.data_size * s.sample_size * s.scale
-    others = s.sample_axes
 
     def reduce(p: LeafPlan | None, g: Any) -> Any:
         if p is None:
             return None
+        own = p.sharded_axes(axis, False)
+        others = tuple(a for a in s.sample_axes if a not in own)
         if p.param_split:  # FSDP: the transpose of the all-gather already reduce-scattered
             return (lax.psum(g, others) if others else g) / divide
         if p.grad_split(kind):
             assert p.zero_dim is not None
             g = lax.psum_scatter(g, axis, scatter_dimension=p.zero_dim, tiled=True)
             return (lax.psum(g, others) if others else g) / divide
-        return lax.psum(g, s.batch_axes) / divide
+        return lax.psum(g, (axis, *others)) / divide
 
     grads = jax.tree.map(reduce, plans, grads, is_leaf=is_plan)
     return grads, lax.psum(loss, s.batch_axes) / divide
@@ -174,8 +183,9 @@ def _local_step(state: TrainState, *batch: Any, s: _Settings, plans: Any) -> tup
     params, static = eqx.partition(state.model, eqx.is_array)
     axis = s.strategy.data_axis
     key = jax.random.fold_in(jax.random.fold_in(state.key, state.step), lax.axis_index(axis))
-    loss, grads = _loss_and_grads(s, plans, params, static, batch, key)
+    loss, extra, grads = _loss_and_grads(s, plans, params, static, batch, key)
     grads, loss = _reduce(s, plans, grads, loss)
+    extra = jax.tree.map(lambda m: lax.pmean(to_varying(m, s.batch_axes), s.batch_axes), extra)
     grad_norm = _global_norm(s, plans, grads)
     finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
     if s.clip_norm is not None:
@@ -190,7 +200,7 @@ def _local_step(state: TrainState, *batch: Any, s: _Settings, plans: Any) -> tup
     new_state = TrainState(
         eqx.combine(new_params, static), opt_state, state.step + applied, state.key
     )
-    return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+    return new_state, {**extra, "loss": loss, "grad_norm": grad_norm, "finite": finite}
 
 
 def _sample_axes(specs: tuple[P, ...] | None, data_axis: str, sizes: dict) -> tuple[str, ...]:
@@ -207,18 +217,6 @@ def _sample_axes(specs: tuple[P, ...] | None, data_axis: str, sizes: dict) -> tu
                 if name != data_axis and name not in named:
                     named.append(name)
     return tuple(named)
-
-
-def _check_not_split_over(plans: Any, axes: tuple[str, ...]) -> None:
-    """Raises if a parameter is split over an axis that also splits the batch (its
-    gradient could not be all-reduced over that axis)."""
-    for p in plan_leaves(plans):
-        clash = set(p.sharded_axes("", False)) & set(axes)
-        if clash:
-            raise ValueError(
-                f"a parameter with spec {p.spec} is split over {sorted(clash)}, which "
-                f"batch_specs also split the batch over; split the batch over other axes."
-            )
 
 
 def make_train_step(
@@ -246,7 +244,10 @@ def make_train_step(
 
     - `loss_fn`: `loss_fn(model, *batch, key) -> scalar`: the mean loss over this
       device's batch shard (per-shard code: eqxpar layers see their blocks). The
-      global loss is the mean over data shards, which must be of equal size.
+      global loss is the mean over data shards, which must be of equal size. It may
+      return `(scalar, metrics)` with `metrics` a dict of scalars (e.g. an MoE's
+      dropped fraction): each is averaged over the batch shards (and microbatches)
+      and returned with the step's metrics.
     - `optimizer`: an Optax transformation with element-wise updates (see
       `init_state`).
     - `mesh`: the mesh.
@@ -268,7 +269,8 @@ def make_train_step(
     **Returns:**
 
     `step(state, *batch)`, returning the new `TrainState` (same shardings) and a dict
-    of replicated scalars: `loss`, `grad_norm` (before clipping), `finite`.
+    of replicated scalars: `loss`, `grad_norm` (before clipping), `finite`, and the
+    loss function's own metrics.
     """
     strategy = as_strategy(strategy)
     if accumulation_steps < 1:
@@ -297,7 +299,6 @@ def make_train_step(
     @eqx.filter_jit
     def step(state: TrainState, *batch: Any) -> tuple[TrainState, dict]:
         plans = plan(state.model, strategy, mesh)
-        _check_not_split_over(plans, sample_axes)
         specs = state_spec_tree(state, strategy, mesh)
         bspecs = (P(strategy.data_axis),) * len(batch) if batch_specs is None else batch_specs
         local = functools.partial(_local_step, s=settings, plans=plans)
