@@ -145,12 +145,12 @@ class TransformerConfig:
             bad("moe_every", f"must be >= 1 and divide num_layers={self.num_layers}")
         if self.capacity_factor <= 0:
             bad("capacity_factor", "must be > 0")
-        for field, why in (
-            ("pipeline_stages", "pipeline parallelism"),
-            ("context_parallel", "context parallelism"),
-            ("sequence_parallel", "sequence parallelism"),
+        for field, why, used in (
+            ("pipeline_stages", "pipeline parallelism", self.chunks > 1),
+            ("context_parallel", "context parallelism", self.context_parallel is not None),
+            ("sequence_parallel", "sequence parallelism", self.sequence_parallel),
         ):
-            if getattr(self, field) not in (None, False, 1):
+            if used:
                 bad(field, f"{why} with num_experts > 0 is not supported yet")
 
     @property

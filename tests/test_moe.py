@@ -278,8 +278,13 @@ def test_misconfigurations_raise():
         CONFIG.replace(top_k=5)
     with pytest.raises(ValueError, match="moe_every"):
         CONFIG.replace(moe_every=3)
-    with pytest.raises(ValueError, match="pipeline parallelism with num_experts"):
-        CONFIG.replace(pipeline_stages=2)
+    for change in (
+        dict(pipeline_stages=2),
+        dict(sequence_parallel=True),
+        dict(context_parallel="ring"),
+    ):
+        with pytest.raises(ValueError, match="with num_experts > 0 is not supported yet"):
+            CONFIG.replace(**change)
     moe = make_moe()
     mesh = mesh_of(expert=8)
     odd = MoE(DIM, HIDDEN, 6, key=jax.random.key(0))

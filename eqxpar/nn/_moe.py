@@ -56,8 +56,17 @@ class MoEStats(eqx.Module):
 
 
 def capacity(tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
-    """Tokens each expert takes per group: `ceil(capacity_factor * tokens * top_k /
-    num_experts)`."""
+    """Tokens each expert takes per group.
+
+    **Arguments:**
+
+    - `tokens`: the group's tokens (one device's batch x sequence).
+    - `num_experts`, `top_k`, `capacity_factor`: as in `MoE`.
+
+    **Returns:**
+
+    `ceil(capacity_factor * tokens * top_k / num_experts)`, at least 1.
+    """
     return max(1, math.ceil(capacity_factor * tokens * top_k / num_experts))
 
 

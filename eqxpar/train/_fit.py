@@ -287,9 +287,8 @@ class _Bar:
     def update(self, done: int, loss: float, dt: float, extra: dict | None = None) -> None:
         rate = f"{self.items_per_step / dt:,.0f}" if self.items_per_step else "-"
         more = {k: f"{v:.4g}" for k, v in (extra or {}).items()}
-        self.bar.set_postfix(
-            loss=f"{loss:.4f}", **more, per_s=rate, ms=f"{1e3 * dt:.0f}", refresh=False
-        )
+        shown = {"loss": f"{loss:.4f}", **more, "per_s": rate, "ms": f"{1e3 * dt:.0f}"}
+        self.bar.set_postfix(shown, refresh=False)
         self.bar.update(1)
 
     def write(self, text: str) -> None:
