@@ -88,7 +88,7 @@ def test_blockwise_memory_grows_with_the_sequence_not_its_square():
     blockwise = functools.partial(blockwise_attention, block_size=128)
     dense = functools.partial(jax.nn.dot_product_attention, is_causal=True)
     grow = [
-        _scanned_temporaries(f, 2048) / _scanned_temporaries(f, 1024) for f in (blockwise, dense)
+        _scanned_temporaries(f, 1024) / _scanned_temporaries(f, 512) for f in (blockwise, dense)
     ]
     # Doubling the sequence: the dense scores quadruple; the blockwise kernel's memory
     # at most doubles (nothing of size seq^2 is kept, not even the causal masks that a
@@ -115,10 +115,9 @@ RING_CASES = [
     if strategy == "ring" or c == 4
 ] + [(2, "load_balanced", "ring", H, H), (8, "load_balanced", "ring", H, 1)]
 # The fast suite: each context size, layout and strategy once, and the widest GQA.
-FAST = {
+FAST = {  # docs/context-parallel.md also runs both strategies on context=4, fast
     (2, "load_balanced", "ring", H, KV),
     (4, "contiguous", "ring", H, KV),
-    (4, "load_balanced", "all_gather", H, KV),
     (8, "load_balanced", "ring", H, 1),
 }
 
@@ -312,7 +311,10 @@ def context_step(kind, strategy="ring"):
     return state, step.lower(state, x, x).compile(), mesh
 
 
-@pytest.mark.parametrize("kind", ["zero2", pytest.param("fsdp", marks=pytest.mark.slow)])
+# Slow: docs/context-parallel.md checks each step's loss on data=2, context=4 in the
+# fast suite, and the train step's communication below compiles the same step.
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["zero2", "fsdp"])
 def test_two_train_steps_on_data_and_context_equal_single_device_training(kind):
     state, step, _ = context_step(kind)
     order = context_order(T_SEQ, 4)
