@@ -220,10 +220,13 @@ def dense_loss(model, x, y, key=None):
 
 
 TRANSFORMER_CASES = [
+    # All slow: docs/context-parallel.md trains this Transformer on data=2, context=4
+    # in the fast suite, each step's loss against the sequence whole.
     pytest.param(
         dict(data=2, context=2, tensor=2),
         dict(context_parallel="ring", sequence_parallel=True),
         id="d2c2t2-ring-sp",
+        marks=pytest.mark.slow,
     ),
     # Residual dropout: masks follow the tokens' global positions, so they match the
     # dense model's (one data shard: masks are drawn per position for the local rows).
@@ -346,6 +349,7 @@ def _over_context(report):
     return rows
 
 
+@pytest.mark.slow  # attention's own permutes are counted fast above
 def test_train_step_crosses_context_with_permutes_and_the_gradient_reduction():
     _, step, mesh = context_step("zero2")
     rows = _over_context(count_collectives(step, mesh))

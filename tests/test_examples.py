@@ -34,6 +34,7 @@ def test_mesh_and_devices_flags_come_from_eqxpar_cli():
     assert start_devices(8).startswith("8 x ")  # conftest's 8 devices: nothing changes
 
 
+@pytest.mark.slow  # 300 steps; the classifier's flags and the simple model run fast below
 def test_tp_classifier_learns_digits(tmp_path):
     import train_classifier
 

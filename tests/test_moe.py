@@ -118,6 +118,7 @@ def test_sharded_equals_one_device(sizes):
     assert_trees_close(grads, want_grads, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_tokens_replicated_over_the_expert_axis():
     """Decoding holds the prompt on every device: each device runs its own experts on
     all tokens and one all-reduce sums them (no all-to-all); the same result."""

@@ -166,6 +166,11 @@ def test_two_all_reduces_per_layer_forward_four_with_backward():
     mesh = mesh_of(1, 4)
     assert _per_layer(SMALL, mesh, "all-reduce", grad=False) == (2, 2 * ACT)
     assert _per_layer(SMALL, mesh, "all-reduce", grad=True) == (4, 4 * ACT)
+
+
+@pytest.mark.slow  # four more programs to compile; the remat parity tests are fast
+def test_remat_and_the_all_reduces_it_repeats():
+    mesh = mesh_of(1, 4)
     # Selective remat saves collective outputs: no extra communication.
     selective = SMALL.replace(remat="selective")
     assert _per_layer(selective, mesh, "all-reduce", grad=True) == (4, 4 * ACT)
