@@ -22,6 +22,9 @@ import pytest
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
 # Tutorial pages: they must hold code, so that they are tested.
 MUST_RUN = ("index.md", "meshes.md", "tensor-parallel.md")
+# Pages that compile whole train steps (a minute or more between them): `make test-slow`
+# (and CI) runs them, the fast suite runs the rest.
+SLOW_PAGES = ("transformer.md", "data-parallel.md", "context-parallel.md", "moe.md")
 
 _OPEN = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<lang>[\w+-]*)(?P<info>.*)$")
 
@@ -99,7 +102,9 @@ def test_tutorials_have_code():
     assert not missing, f"these pages must hold ```python blocks: {missing}"
 
 
-@pytest.mark.parametrize("page", _pages())
+@pytest.mark.parametrize(
+    "page", [pytest.param(p, marks=[pytest.mark.slow] if p in SLOW_PAGES else []) for p in _pages()]
+)
 def test_page(page: str):
     path = DOCS / page
     module = types.ModuleType(f"docs_{path.stem.replace('-', '_')}")

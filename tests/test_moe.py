@@ -90,8 +90,7 @@ MESHES = [
     pytest.param(dict(expert=2), marks=pytest.mark.slow),
     pytest.param(dict(expert=4), marks=pytest.mark.slow),
     dict(expert=2, tensor=2),
-    # docs/moe.md runs this one in the fast suite (output, stats and every gradient).
-    pytest.param(dict(data=2, expert=4), marks=pytest.mark.slow),
+    dict(data=2, expert=4),
 ]
 
 
@@ -173,7 +172,6 @@ def test_each_device_drops_within_its_own_group():
     assert int(eqx.filter_jit(mapped)(ep.place(moe, mesh), x).dropped) == groups
 
 
-@pytest.mark.slow  # docs/moe.md asserts the same counts in the fast suite
 def test_two_all_to_alls_forward_two_backward():
     moe, x, ct, _ = one_device()
     mesh = mesh_of(data=2, expert=4)
