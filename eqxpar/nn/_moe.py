@@ -189,6 +189,10 @@ class MoE(eqx.Module):
         aux = self.load_balance_loss * balance + self.router_z_loss * z
         return MoEStats(balance, z, aux, lax.stop_gradient(dropped), dropped / total)
 
+    def _local_experts(self, buffer: Array) -> Array:
+        """This device's experts, each on its row of `buffer` `(local_experts, n, dim)`."""
+        return eqx.filter_vmap(lambda mlp, h: mlp(h))(self.experts, buffer)
+
     def _experts(self, buffer: Array) -> Array:
         """`(experts, capacity, dim)` in, the same out: all-to-all to the devices that
         hold the experts, each local expert's MLP on every device's tokens for it,
@@ -198,7 +202,7 @@ class MoE(eqx.Module):
         if n > 1:  # (e, cap, dim) -> (n * e_local, cap, dim), grouped by source device
             buffer = lax.all_to_all(buffer, self.expert_axis, 0, 0, tiled=True)
             buffer = buffer.reshape(n, e // n, cap, dim).swapaxes(0, 1).reshape(e // n, -1, dim)
-        out = eqx.filter_vmap(lambda mlp, h: mlp(h))(self.experts, buffer)
+        out = self._local_experts(buffer)
         if n > 1:
             out = out.reshape(e // n, n, cap, dim).swapaxes(0, 1).reshape(e, cap, dim)
             out = lax.all_to_all(out, self.expert_axis, 0, 0, tiled=True)
@@ -250,6 +254,6 @@ class MoE(eqx.Module):
         dispatch = lax.dynamic_slice_in_dim(dispatch, first, local, 1)
         combine = lax.dynamic_slice_in_dim(combine, first, local, 1)
         buffer = jnp.einsum("tec,td->ecd", dispatch, tokens)
-        out = eqx.filter_vmap(lambda mlp, h: mlp(h))(self.experts, buffer)
+        out = self._local_experts(buffer)
         y = jnp.einsum("tec,ecd->td", combine.astype(out.dtype), out)
         return lax.psum(y, self.expert_axis)
