@@ -10,7 +10,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 import eqxpar as ep
 from eqxpar.collectives import axis_size
-from eqxpar.nn import ColumnParallelLinear, RowParallelLinear, scan_layers
+from eqxpar.nn import ColumnParallelLinear, RowParallelLinear, apply_layer, scan_layers
 from eqxpar.pipeline import AbstractSchedule, batch_pipeline_loss
 
 
@@ -224,7 +224,7 @@ class PPClassifier(eqx.Module):
         if axis_size(self.pipeline_axis) is None:
             return _cross_entropy(self(x), labels)
         return batch_pipeline_loss(
-            (self._first, scan_layers, _last_loss),
+            (self._first, apply_layer, _last_loss),
             (self.embed, self.blocks, (self.norm, self.head)),
             x,
             labels,

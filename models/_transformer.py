@@ -18,6 +18,8 @@ from eqxpar.nn import (
     MoEStats,
     RMSNorm,
     VocabParallelEmbedding,
+    apply_layer,
+    remat,
     scan_layers,
     vocab_parallel_cross_entropy,
 )
@@ -236,17 +238,18 @@ class Transformer(eqx.Module):
         bound, the batch is split into `microbatches` and run through `schedule` (an
         `eqxpar.pipeline` schedule; default `OneFOneB()`, or `Interleaved1F1B` when
         `virtual_stages > 1`): the embedding on the first chunk's stage, the head and
-        loss on the last one's. Dropout is not supported on that path yet.
+        loss on the last one's. Microbatch `i` uses `fold_in(key, i)`, as gradient
+        accumulation over the same microbatches does, so the dropout masks are those
+        of the unpipelined model run microbatch by microbatch; `remat` checkpoints
+        each layer there too.
         """
         c = self.config
         if c.chunks == 1 or axis_size(c.pipeline_axis) is None:
             return self.loss_and_metrics(tokens, targets, key=key)[0]
-        if key is not None and (c.dropout or c.attention_dropout):
-            raise ValueError("Transformer.loss: dropout is not supported with pipelining yet.")
         model = self._cast()
         head = model.head if model.head is not None else _TiedHead(model.embed, c)
         return batch_pipeline_loss(
-            (_embed, functools.partial(scan_layers, remat_policy=c.remat), _last_loss),
+            (_embed, remat(apply_layer, c.remat), _last_loss),
             (model.embed, model.layers, (model.norm, head, c.axis_name)),
             tokens,
             targets,
@@ -255,6 +258,7 @@ class Transformer(eqx.Module):
             microbatches=microbatches,
             schedule=schedule,
             axis_name=c.pipeline_axis,
+            key=key,
         )
 
     def _check_not_pipelined(self, what: str) -> None:

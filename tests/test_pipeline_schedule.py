@@ -13,6 +13,7 @@ from eqxpar.pipeline import (
     Interleaved1F1B,
     OneFOneB,
     TickTable,
+    ZeroBubbleH1,
     plot_schedule,
 )
 
@@ -136,7 +137,7 @@ def test_bad_sizes_and_abstract():
         OneFOneB().table(2, 0)
     with pytest.raises(TypeError):
         AbstractSchedule()  # pyright: ignore
-    with pytest.raises(ValueError, match="kind must be 'F' or 'B'"):
+    with pytest.raises(ValueError, match="kind must be 'F', 'B' or 'W'"):
         Action("X", 0)  # pyright: ignore
     with pytest.raises(ValueError, match="tick 0 has 1 entries but stages=2"):
         TickTable(2, 1, 1, ((Action("F", 0),),))
@@ -205,30 +206,37 @@ def test_validate_rejects_duplicates():
 # --- Arrays for an executor -------------------------------------------------------------
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["table", "split"])
 @pytest.mark.parametrize(
     "schedule,p,m",
     [(GPipe(), 3, 5), (OneFOneB(), 4, 7), (OneFOneB(), 4, 2), (Interleaved1F1B(2), 3, 6)]
-    + [(Interleaved1F1B(3), 4, 8)],
+    + [(Interleaved1F1B(3), 4, 8), (ZeroBubbleH1(), 4, 6), (ZeroBubbleH1(), 3, 2)],
 )
-def test_as_arrays_replays(schedule, p, m):
+def test_as_arrays_replays(schedule, p, m, split):
     table = schedule.table(p, m)
+    table = table.split() if split else table
     arrays = table.as_arrays()
     flags = {"first_chunk", "last_chunk"}
-    assert set(arrays) == {"kind", "mb", "virt", "slot", "recv_f", "recv_b"} | flags
+    per_tick = {"permute_f", "permute_b"}
+    assert set(arrays) == {"kind", "mb", "virt", "slot", "recv_f", "recv_b"} | flags | per_tick
     for name, x in arrays.items():
-        assert x.shape == (table.num_ticks, p), name
-        assert x.dtype == (bool if name in flags else np.int32), name
+        assert x.shape == ((table.num_ticks,) if name in per_tick else (table.num_ticks, p)), name
+        assert x.dtype == (bool if name in flags | per_tick else np.int32), name
     kind, mb, virt, slot = arrays["kind"], arrays["mb"], arrays["virt"], arrays["slot"]
-    v = table.virtual
+    v, w = table.virtual, table.split_backward
     assert (kind == 0).sum() == _idle(table)
     assert (kind == 1).sum() == (kind == 2).sum() == m * v * p
+    assert (kind == 3).sum() == (m * v * p if w else 0)
     n_slots = table.num_slots
     # A slot is held from the input's arrival, which can precede its forward.
     assert table.max_in_flight() <= n_slots <= table.max_in_flight() + p
     assert slot.min() >= 0 and slot.max() == n_slots - 1
+    # A permute runs exactly on the ticks where something arrives.
+    for recv in ("f", "b"):
+        assert (arrays[f"permute_{recv}"] == (arrays[f"recv_{recv}"] >= 0).any(axis=1)).all()
     # Replay as the executor does: an arriving activation (or chunk 0's forward) fills
-    # its slot, the forward reads it, the backward reads it (and its arrived gradient)
-    # and frees it. No slot is overwritten while held.
+    # its slot, the forward reads it, B reads it (and its arrived gradient), W after B,
+    # and the last of them frees it. No slot is overwritten while held.
     buffers = [[None] * n_slots for _ in range(p)]
     grads = [[None] * n_slots for _ in range(p)]
     for t in range(table.num_ticks):
@@ -244,16 +252,23 @@ def test_as_arrays_replays(schedule, p, m):
                 assert kind[t, s] == 0 and not arrays["first_chunk"][t, s]
                 continue
             assert (mb[t, s], virt[t, s]) == (a.microbatch, a.virtual)
+            assert kind[t, s] == "FBW".index(a.kind) + 1
             g = a.virtual * p + s
             assert arrays["first_chunk"][t, s] == (g == 0)
             assert arrays["last_chunk"][t, s] == (g == p * v - 1)
             k, held = slot[t, s], (a.microbatch, a.virtual)
-            if kind[t, s] == 1:
+            if a.kind == "F":
                 assert buffers[s][k] == ("arrived" if g else None), (t, s, k)
                 buffers[s][k] = held
-            else:
+            elif a.kind == "B":
                 assert buffers[s][k] == held
                 assert grads[s][k] == (None if g == p * v - 1 else "arrived")
+                if w:
+                    grads[s][k] = "layer grads"
+                else:
+                    buffers[s][k] = grads[s][k] = None
+            else:
+                assert buffers[s][k] == held and grads[s][k] == "layer grads"
                 buffers[s][k] = grads[s][k] = None
     assert all(b is None for stage in buffers + grads for b in stage)
 
@@ -274,3 +289,77 @@ def test_plot_writes_png(schedule, tmp_path):
     out = plot_schedule(schedule.table(4, 8), path, title=type(schedule).__name__)
     assert out == path
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- Split backward, zero bubble and the tick-time model ----------------------------------
+
+
+@pytest.mark.parametrize(
+    "schedule,p,m", [(GPipe(), 3, 5), (OneFOneB(), 4, 8), (Interleaved1F1B(2), 4, 8)]
+)
+def test_split_runs_each_weight_gradient_right_after_its_backward(schedule, p, m):
+    table = schedule.table(p, m)
+    split = table.split()
+    assert split.split_backward and not table.split_backward
+    for s in range(p):
+        program = split.program(s)
+        assert [a for a in program if a.kind != "W"] == table.program(s)
+        for i, a in enumerate(program):
+            if a.kind == "B":
+                assert program[i + 1] == Action("W", a.microbatch, a.virtual)
+    assert split.split() == split
+    assert split.max_in_flight() == table.max_in_flight()
+    # Three unit actions per (microbatch, chunk): the bubble formula is unchanged.
+    v = table.virtual
+    assert split.bubble_fraction() <= (p - 1) / (m * v + p - 1) + 1e-12
+
+
+def test_ideal_time_by_hand():
+    # p=2, m=1: F on stage 0 [0,1], F on stage 1 [1,2], B on stage 1 [2,4], B on 0 [4,6].
+    table = OneFOneB().table(2, 1)
+    assert table.ideal_time(1.0, 2.0, 0.0) == 6.0
+    # Each send between the stages adds the latency: F1 [1.5,2.5], B1 [2.5,4.5], B0 [5,7].
+    assert table.ideal_time(1.0, 2.0, 0.0, latency=0.5) == 7.0
+    # Tick by tick: 4 ticks, the backward ticks cost 2; 2 ticks send.
+    assert table.step_time(1.0, 2.0, 0.0) == 6.0
+    assert table.step_time(1.0, 2.0, 0.0, latency=0.5) == 7.0
+    assert table.step_time(1.0, 2.0, 0.0, recompute=True) == 8.0
+
+
+@pytest.mark.parametrize("schedule", [GPipe(), OneFOneB(), Interleaved1F1B(2)], ids=str)
+@pytest.mark.parametrize("m", [8, 16, 32])
+def test_the_executor_costs_the_mpmd_ideal(schedule, m):
+    # t_B = 2 t_F, split evenly into input and weight gradients (a matmul's three
+    # products cost the same); an interleaved chunk is half a stage.
+    p = 4
+    table = schedule.table(p, m)
+    t = 1.0 / table.virtual
+    ideal = table.ideal_time(t, t, t)
+    if table.virtual == 1:
+        assert ideal == pytest.approx(3 * (m + p - 1) * t)
+    assert table.split().step_time(t, t, t) <= 1.05 * ideal
+    # Version 1 of the executor: forward and backward ticks, each backward recomputing.
+    assert table.step_time(t, t, t, recompute=True) >= 1.3 * ideal
+
+
+@pytest.mark.parametrize("p,m", [(2, 2), (3, 2), (4, 4), (4, 8), (4, 16), (3, 7)])
+def test_zero_bubble_h1(p, m):
+    table = ZeroBubbleH1().table(p, m)
+    assert table.split_backward and table.split() == table
+    # Every stage holds at most p microbatches: 1F1B's peak (stage 0's).
+    assert table.max_in_flight() == OneFOneB().table(p, m).max_in_flight() == min(p, m)
+    for s in range(p):
+        program = table.program(s)
+        assert [a for a in program if a.kind != "W"] == OneFOneB().table(p, m).program(s)
+    one = OneFOneB().table(p, m)
+    work = 3 * m  # F + B + W per microbatch, unit times
+    zb_bubble = table.ideal_time(1, 1, 1) - work
+    one_bubble = one.ideal_time(1, 1, 1) - work
+    if m >= p:
+        # Qi et al.: (p-1)(F+B-W) against 1F1B's (p-1)(F+B+W).
+        assert zb_bubble == pytest.approx(p - 1)
+        assert one_bubble == pytest.approx(3 * (p - 1))
+        # Run tick by tick (every action one unit) it costs the same.
+        assert table.step_time(1, 1, 1) == pytest.approx(table.ideal_time(1, 1, 1))
+    if m == 2 * p:
+        assert zb_bubble <= 0.4 * one_bubble

@@ -30,5 +30,6 @@ from ._norm import LayerNorm as LayerNorm
 from ._norm import RMSNorm as RMSNorm
 from ._stack import REMAT as REMAT
 from ._stack import Remat as Remat
+from ._stack import apply_layer as apply_layer
 from ._stack import remat as remat
 from ._stack import scan_layers as scan_layers

@@ -59,6 +59,12 @@ def remat(fn: Any, policy: Remat) -> Any:
     return jax.checkpoint(fn, policy=offloading, prevent_cse=False)
 
 
+def apply_layer(layer: Any, x: jax.Array, key: PRNGKeyArray | None = None) -> Any:
+    """`layer(x)`, or `layer(x, key=key)` when a key is given: how `scan_layers` and the
+    pipeline executor (`eqxpar.pipeline.pipeline_loss`'s `layer_fn`) call one layer."""
+    return layer(x) if key is None else layer(x, key=key)
+
+
 def scan_layers(
     layers: Any,
     x: jax.Array,
@@ -98,10 +104,9 @@ def scan_layers(
     def body(x: jax.Array, xs: tuple) -> tuple:
         layer, k, c = xs
         layer = eqx.combine(layer, static)
-        kwargs: dict[str, Any] = {} if k is None else {"key": k}
         if c is not None:
-            return layer(x, **kwargs, cache=c)
-        return layer(x, **kwargs) if with_aux else (layer(x, **kwargs), None)
+            return layer(x, **({} if k is None else {"key": k}), cache=c)
+        return apply_layer(layer, x, k) if with_aux else (apply_layer(layer, x, k), None)
 
     x, ys = jax.lax.scan(remat(body, remat_policy), x, (dynamic, keys, cache))
     return x if ys is None else (x, ys)

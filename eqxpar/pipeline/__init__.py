@@ -9,3 +9,4 @@ from ._schedule import GPipe as GPipe
 from ._schedule import Interleaved1F1B as Interleaved1F1B
 from ._schedule import OneFOneB as OneFOneB
 from ._schedule import TickTable as TickTable
+from ._schedule import ZeroBubbleH1 as ZeroBubbleH1

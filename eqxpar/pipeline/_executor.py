@@ -1,18 +1,29 @@
 """One executor for any tick table: runs a pipeline schedule inside `shard_map`.
 
-Every device runs the same program, a `lax.scan` over the table's ticks. At each tick
-a device looks up its own action (forward or backward of microbatch `i` on virtual
-chunk `v`, or nothing) and runs it under `lax.switch`; then one `ppermute` passes
-activations to the next stage and one passes input gradients to the previous one.
+Every device runs the same program, a `lax.scan` over the ticks of `table.split()`:
+the schedule with every backward split into `B` (the input gradient) and `W` (the
+weight gradient), so every action costs about one chunk forward and a tick costs what
+the MPMD schedule's step costs (`TickTable.step_time`). At each tick a device looks up
+its own action (forward, `B` or `W` of microbatch `i` on virtual chunk `v`, or nothing)
+and runs it under `lax.switch`.
 
-The backward of a microbatch is scheduled explicitly: it recomputes that chunk's
-forward from the saved chunk input and applies its VJP, so a stage keeps only the
-inputs of the microbatches in flight (`p` for 1F1B, `m` for GPipe) and no other
-activation outlives its tick.
+- A forward runs the chunk's layers one by one under `jax.vjp` and stores each layer's
+  residuals (its activations; not its weights, which stay in the parameters) in the
+  microbatch's buffer slot, as Megatron does. On the last chunk it also computes the
+  loss and its gradient, which starts the backward.
+- `B` runs the layers' pullbacks in reverse for the input gradient only, sends it to
+  the previous stage, and stores the gradient at each layer's output.
+- `W` runs the pullbacks again for the weight gradients only, from the stored
+  residuals and layer gradients, and frees the slot. (XLA drops the unused half of
+  each pullback.)
 
-Collectives over the pipeline axis are only the two `ppermute`s per tick and, at the
-end, the sums of the loss and of the gradients of the first and last stage's
-parameters (held on every stage).
+A model that wants less memory checkpoints its layer function (`eqxpar.nn.remat`):
+the residuals are then the layers' inputs, recomputed from in `B` and `W`.
+
+Collectives over the pipeline axis are one `ppermute` forward and one backward per
+tick, each only on the ticks where some device receives something, and, at the end,
+the sums of the loss and of the gradients of the first and last stage's parameters
+(held on every stage).
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ from .._shard_map import varying_axes
 from ._schedule import AbstractSchedule, Interleaved1F1B, OneFOneB, TickTable
 
 FirstFn = Callable[[Any, Any], jax.Array]
-StageFn = Callable[[Any, jax.Array], jax.Array]
+LayerFn = Callable[[Any, jax.Array, Any], jax.Array]
 LastFn = Callable[[Any, jax.Array, Any], jax.Array]
 
 
@@ -41,34 +52,85 @@ def _vary(tree: Any, axes: frozenset | tuple) -> Any:
     return jax.tree.map(lambda x: to_varying(x, axes) if axes else x, tree)
 
 
-def _zeros_like(tree: Any, extra: tuple[str, ...]) -> Any:
-    return jax.tree.map(
-        lambda x: to_varying(jnp.zeros(x.shape, x.dtype), tuple(varying_axes(x) | set(extra))),
-        tree,
-    )
+def _zeros(aval: Any, extra: tuple[str, ...] = (), lead: tuple[int, ...] = ()) -> jax.Array:
+    """Zeros of `aval`'s shape (after `lead` dims) and dtype, varying where it varies."""
+    zeros = jnp.zeros((*lead, *aval.shape), aval.dtype)
+    axes = _axes(aval) if isinstance(aval, jax.ShapeDtypeStruct) else set(varying_axes(aval))
+    return to_varying(zeros, tuple(sorted(axes | set(extra))))
 
 
 class _Carry(NamedTuple):
-    """What one tick hands the next."""
+    """What one tick hands the next. Buffers have one slot per microbatch in flight."""
 
-    inputs: jax.Array  # (num_slots, *act): stage inputs of the microbatches in flight
-    grads_in: jax.Array  # (num_slots, *act): their output gradients, once arrived
+    inputs: jax.Array  # (slots, *act): stage inputs that arrived
+    grads_in: jax.Array  # (slots, *act): output gradients of the chunk
+    residuals: list  # per residual leaf (slots, layers, *leaf): the layers' activations
+    layer_grads: Any  # (slots, layers, *act): the gradients at each layer's output, or None
     send_f: jax.Array  # the activation this device sends forward at the next tick
     send_b: jax.Array  # the input gradient it sends backward at the next tick
     grads: tuple  # gradients of (first, stage, last) parameters, summed so far
     loss: jax.Array  # the sum of the last chunk's microbatch losses so far
 
 
+class _Out(NamedTuple):
+    """What an action returns; the tick stores it."""
+
+    send_f: jax.Array
+    send_b: jax.Array
+    residuals: list  # this (microbatch, chunk)'s residual leaves (forward)
+    grad_out: jax.Array  # the loss gradient at the last chunk's output (forward)
+    layer_grads: Any  # the gradients at each layer's output (B)
+    grads: tuple
+    loss: jax.Array
+
+
+class _Layers:
+    """One layer's `jax.vjp`, with its residuals split into the layer's own weights
+    (taken from the parameters again when needed) and the rest (stored per slot)."""
+
+    def __init__(self, layer_fn: LayerFn, w: Any, x: jax.Array, key: Any):
+        self.layer_fn = layer_fn
+        self.treedef, self.which = None, None
+        y, stored = jax.eval_shape(self.forward, w, x, key)
+        if (jnp.shape(y), y.dtype) != (x.shape, x.dtype):
+            raise ValueError(
+                f"pipeline_loss: a layer must map activations to the same shape and dtype: "
+                f"its input is {x.dtype}{list(x.shape)}, it returns {y.dtype}{list(y.shape)}."
+            )
+        self.stored = stored  # avals of the stored leaves of one layer
+
+    def forward(self, w: Any, x: jax.Array, key: Any) -> tuple[jax.Array, list]:
+        """`(y, stored residual leaves)`."""
+        y, pull = jax.vjp(lambda w, x: self.layer_fn(w, x, key), w, x)
+        leaves, treedef = jax.tree.flatten(pull)
+        weights = jax.tree.leaves(w)
+        which = tuple(next((i for i, q in enumerate(weights) if r is q), -1) for r in leaves)
+        if self.treedef is None:
+            self.treedef, self.which = treedef, which
+        elif which != self.which or treedef.num_leaves != self.treedef.num_leaves:
+            raise RuntimeError(
+                "pipeline_loss: a layer's residuals changed structure between two traces "
+                "of the same layer; the executor cannot store them per slot."
+            )
+        return y, [r for r, i in zip(leaves, which, strict=True) if i < 0]
+
+    def pullback(self, w: Any, stored: list) -> Callable:
+        weights, rest = jax.tree.leaves(w), iter(stored)
+        leaves = [next(rest) if i < 0 else weights[i] for i in self.which]  # pyright: ignore
+        return jax.tree.unflatten(self.treedef, leaves)
+
+
 class _Ticks:
     """The executor's tick bodies, for one table and one set of (per-shard) arguments.
 
     `tick` runs one row of the table on this device: it stores what arrived from the
-    neighbours, then runs this device's action (`idle`, `forward` or `backward`)
-    under `lax.switch`.
+    neighbours, runs this device's action (`idle`, `forward`, `input_grad` or
+    `weight_grad`) under `lax.switch`, and stores what the action produced.
     """
 
-    def __init__(self, fns: tuple, params: tuple, inputs: Any, targets: Any, table, axis: str):
-        first_fn, stage_fn, last_fn = fns
+    def __init__(self, fns: tuple, params: tuple, data: tuple, table: TickTable, axis: str):
+        first_fn, layer_fn, last_fn = fns
+        inputs, targets, key = data
         self.fns, self.table, self.axis = fns, table, axis
         self.m = table.microbatches
         self.me = lax.axis_index(axis)
@@ -79,21 +141,22 @@ class _Ticks:
         # `_match` sums them once.
         data_axes = set().union(*(varying_axes(x) for x in jax.tree.leaves((inputs, targets))))
         fp, sp, lp = _vary(params, tuple(sorted(data_axes | {axis})))
-        sp = jax.tree.map(lambda a: a[:, 0], sp)  # (virtual, 1, ...) -> (virtual, ...)
+        sp = jax.tree.map(
+            lambda a: a[:, 0], sp
+        )  # (virtual, 1, layers, ...) -> (virtual, layers, ...)
         self.params = (fp, sp, lp)
+        self.depth = jax.tree.leaves(sp)[0].shape[1]  # layers per chunk
+        self.key = key
         self.inputs, self.targets = _vary((inputs, targets), (axis,))
         x_aval = jax.eval_shape(first_fn, fp, _take(self.inputs, 0))
-        y_aval = jax.eval_shape(stage_fn, _take(sp, 0), x_aval)
-        if (x_aval.shape, x_aval.dtype) != (y_aval.shape, y_aval.dtype):
-            raise ValueError(
-                f"pipeline stages must map activations to the same shape and dtype: the "
-                f"first stage's input is {x_aval.dtype}{list(x_aval.shape)}, a stage returns "
-                f"{y_aval.dtype}{list(y_aval.shape)}."
-            )
-        l_aval = jax.eval_shape(last_fn, lp, y_aval, _take(self.targets, 0))
         self.x_aval = x_aval
-        self.act_axes = tuple(_axes(x_aval) | _axes(y_aval) | {axis})
-        self.loss_axes = tuple(_axes(l_aval) | {axis})
+        self.act_axes = tuple(sorted(_axes(x_aval) | {axis}))
+        w0 = _take(_take(sp, 0), 0)
+        k0 = None if key is None else self.chunk_keys({"mb": 0, "virt": 0})[0]
+        self.layers = _Layers(layer_fn, w0, self.zero_act(), k0)
+        y_aval = jax.ShapeDtypeStruct(x_aval.shape, x_aval.dtype)
+        l_aval = jax.eval_shape(last_fn, lp, y_aval, _take(self.targets, 0))
+        self.loss_axes = tuple(sorted(_axes(l_aval) | {axis}))
         self.program = {k: jnp.asarray(a) for k, a in table.as_arrays().items()}
 
     def act(self, x: jax.Array) -> jax.Array:
@@ -105,77 +168,181 @@ class _Ticks:
     def zero_loss(self) -> jax.Array:
         return to_varying(jnp.zeros((), jnp.float32), self.loss_axes)
 
-    def initial(self) -> _Carry:
-        fp, sp, lp = self.params
-        buffer = jnp.broadcast_to(self.zero_act(), (self.table.num_slots, *self.x_aval.shape))
-        grads = (_zeros_like(fp, ()), _zeros_like(sp, ()), _zeros_like(lp, ()))
-        zero = self.zero_act()
-        return _Carry(buffer, buffer, zero, zero, grads, self.zero_loss())
+    def zero_residuals(self, lead: tuple[int, ...] = ()) -> list:
+        return [_zeros(r, (self.axis,), (*lead, self.depth)) for r in self.layers.stored]
 
-    def chunk(self, fp: Any, cp: Any, lp: Any, x_in: jax.Array, row: dict) -> tuple:
-        """One chunk's forward for one microbatch: `(output, loss or 0)`."""
-        first_fn, stage_fn, last_fn = self.fns
+    def zero_layer_grads(self, lead: tuple[int, ...] = ()) -> jax.Array:
+        return jnp.broadcast_to(self.zero_act(), (*lead, self.depth, *self.x_aval.shape))
+
+    def initial(self, backward: bool) -> _Carry:
+        fp, sp, lp = self.params
+        slots = (self.table.num_slots,)
+        buffer = jnp.broadcast_to(self.zero_act(), (*slots, *self.x_aval.shape))
+        grads = jax.tree.map(lambda x: _zeros(x), (fp, sp, lp))
+        zero = self.zero_act()
+        if not backward:
+            return _Carry(buffer, buffer, [], None, zero, zero, grads, self.zero_loss())
+        return _Carry(
+            buffer,
+            buffer,
+            self.zero_residuals(slots),
+            self.zero_layer_grads(slots),
+            zero,
+            zero,
+            grads,
+            self.zero_loss(),
+        )
+
+    def chunk_keys(self, row: dict) -> Any:
+        """This chunk's layer keys for this microbatch: `split(fold_in(key, mb),
+        num_layers)` at the chunk's layers, as gradient accumulation over the same
+        microbatches and `scan_layers` give them."""
+        if self.key is None:
+            return None
+        n_layers = self.table.stages * self.table.virtual * self.depth
+        keys = jax.random.split(jax.random.fold_in(self.key, row["mb"]), n_layers)
+        g = row["virt"] * self.table.stages + self.me
+        return lax.dynamic_slice_in_dim(keys, g * self.depth, self.depth)
+
+    def nothing(self, carry: _Carry, backward: bool) -> _Out:
+        residuals = self.zero_residuals() if backward else []
+        layer_grads = self.zero_layer_grads() if backward else None
+        zero = self.zero_act()
+        return _Out(zero, zero, residuals, zero, layer_grads, carry.grads, self.zero_loss())
+
+    def idle(self, carry: _Carry, row: dict, backward: bool) -> _Out:
+        return self.nothing(carry, backward)
+
+    def forward(self, carry: _Carry, row: dict, backward: bool) -> _Out:
+        """The chunk's layers in order, keeping their residuals; on the last chunk the
+        loss (and its gradient)."""
+        first_fn, layer_fn, last_fn = self.fns
+        fp, sp, lp = self.params
         mb = row["mb"]
         x = lax.cond(
-            row["first_chunk"], lambda: self.act(first_fn(fp, _take(self.inputs, mb))), lambda: x_in
+            row["first_chunk"],
+            lambda: self.act(first_fn(fp, _take(self.inputs, mb))),
+            lambda: _read(carry.inputs, row["slot"]),
         )
-        y = self.act(stage_fn(cp, x))
-        loss = lax.cond(
-            row["last_chunk"],
-            lambda: to_varying(
-                last_fn(lp, y, _take(self.targets, mb)).astype(jnp.float32), self.loss_axes
-            ),
-            self.zero_loss,
+
+        def layer(x: jax.Array, xs: tuple) -> tuple:
+            w, k = xs
+            if not backward:
+                return self.act(layer_fn(w, x, k)), None
+            y, stored = self.layers.forward(w, x, k)
+            return self.act(y), [to_varying(r, (self.axis,)) for r in stored]
+
+        y, residuals = lax.scan(layer, x, (_take(sp, row["virt"]), self.chunk_keys(row)))
+        out = self.nothing(carry, backward)
+        targets = _take(self.targets, mb)
+
+        def loss_and_grad() -> tuple:
+            if not backward:
+                return self.loss_of(last_fn(lp, y, targets)), out.grad_out, out.grads[2]
+            loss, (dlp, dy) = jax.value_and_grad(last_fn, argnums=(0, 1))(lp, y, targets)
+            scale = 1.0 / self.m
+            dlp = jax.tree.map(lambda g: (g * scale).astype(g.dtype), dlp)
+            glp = jax.tree.map(lambda a, d: a + d.astype(a.dtype), carry.grads[2], dlp)
+            return self.loss_of(loss), self.act(dy * scale), glp
+
+        def no_loss() -> tuple:
+            return self.zero_loss(), out.grad_out, carry.grads[2]
+
+        loss, grad_out, glp = lax.cond(row["last_chunk"], loss_and_grad, no_loss)
+        grads = (carry.grads[0], carry.grads[1], glp)
+        return out._replace(
+            send_f=y, residuals=residuals or [], grad_out=grad_out, grads=grads, loss=loss
         )
-        return y, loss
 
-    def idle(self, carry: _Carry, row: dict) -> tuple:
-        return self.zero_act(), self.zero_act(), carry.grads, self.zero_loss()
+    def loss_of(self, loss: jax.Array) -> jax.Array:
+        return to_varying(loss.astype(jnp.float32), self.loss_axes)
 
-    def forward(self, carry: _Carry, row: dict) -> tuple:
+    def input_grad(self, carry: _Carry, row: dict, backward: bool) -> _Out:
+        """`B`: the layers' pullbacks in reverse, for the input gradient only (sent to the
+        previous chunk); stores the gradient at each layer's output for `W`. On chunk 0,
+        also the input layers' gradient."""
+        first_fn = self.fns[0]
         fp, sp, lp = self.params
-        x_in = _read(carry.inputs, row["slot"])
-        y, loss = self.chunk(fp, _take(sp, row["virt"]), lp, x_in, row)
-        return y, self.zero_act(), carry.grads, loss
+        slot = row["slot"]
+        stored = [_read(r, slot) for r in carry.residuals]
 
-    def backward(self, carry: _Carry, row: dict) -> tuple:
-        """Recomputes the chunk's forward from its saved input and applies its VJP."""
-        fp, sp, lp = self.params
-        x_in = _read(carry.inputs, row["slot"])
-        dy = _read(carry.grads_in, row["slot"])
-        _, pull = jax.vjp(
-            lambda f, c, last, x: self.chunk(f, c, last, x, row),
-            fp,
-            _take(sp, row["virt"]),
-            lp,
-            x_in,
+        def layer(dy: jax.Array, xs: tuple) -> tuple:
+            w, res = xs
+            _, dx = self.layers.pullback(w, res)(dy)
+            return self.act(dx), dy
+
+        dy = _read(carry.grads_in, slot)
+        dx, layer_grads = lax.scan(layer, dy, (_take(sp, row["virt"]), stored), reverse=True)
+
+        def first_grad() -> Any:
+            _, pull = jax.vjp(lambda f: self.act(first_fn(f, _take(self.inputs, row["mb"]))), fp)
+            (dfp,) = pull(dx)
+            return jax.tree.map(lambda a, d: a + d.astype(a.dtype), carry.grads[0], dfp)
+
+        gfp = lax.cond(row["first_chunk"], first_grad, lambda: carry.grads[0])
+        out = self.nothing(carry, backward)
+        grads = (gfp, carry.grads[1], carry.grads[2])
+        return out._replace(send_b=dx, layer_grads=layer_grads, grads=grads)
+
+    def weight_grad(self, carry: _Carry, row: dict, backward: bool) -> _Out:
+        """`W`: the layers' pullbacks again, for their weight gradients only."""
+        sp = self.params[1]
+        slot, virt = row["slot"], row["virt"]
+        stored = [_read(r, slot) for r in carry.residuals]
+        dys = _read(carry.layer_grads, slot)
+
+        def layer(_: None, xs: tuple) -> tuple:
+            w, res, dy = xs
+            dw, _ = self.layers.pullback(w, res)(dy)
+            return None, dw
+
+        _, dws = lax.scan(layer, None, (_take(sp, virt), stored, dys))
+        gsp = jax.tree.map(
+            lambda acc, d: acc.at[virt].add(d.astype(acc.dtype)), carry.grads[1], dws
         )
-        last = row["last_chunk"]
-        y_ct = self.act(jnp.where(last, jnp.zeros_like(dy), dy))
-        loss_ct = to_varying(jnp.where(last, 1.0 / self.m, 0.0).astype(jnp.float32), self.loss_axes)
-        dfp, dcp, dlp, dx = pull((y_ct, loss_ct))
-        gfp, gsp, glp = carry.grads
-        gsp = jax.tree.map(lambda acc, d: acc.at[row["virt"]].add(d.astype(acc.dtype)), gsp, dcp)
-        add = functools.partial(jax.tree.map, lambda a, d: a + d.astype(a.dtype))
-        grads = (add(gfp, dfp), gsp, add(glp, dlp))
-        return self.zero_act(), self.act(dx), grads, self.zero_loss()
+        return self.nothing(carry, backward)._replace(grads=(carry.grads[0], gsp, carry.grads[2]))
+
+    def permute(self, flag: jax.Array, value: jax.Array, step: int) -> jax.Array:
+        """`value` from the neighbour `step` stages back, on the ticks that `flag` says
+        something arrives (zeros otherwise, with no communication)."""
+        p, v = self.table.stages, self.table.virtual
+        pairs = [(i, i + step) for i in range(p) if 0 <= i + step < p]
+        if v > 1:  # the next chunk of the last stage is on the first: a ring
+            pairs = _ring(p, step)
+        return lax.cond(
+            flag, lambda: self.act(lax.ppermute(value, self.axis, pairs)), self.zero_act
+        )
 
     def tick(self, carry: _Carry, t: jax.Array, backward: bool) -> _Carry:
-        p, axis = self.table.stages, self.axis
-        row = {k: a[t, self.me] for k, a in self.program.items()}
+        row = {k: a[t, self.me] for k, a in self.program.items() if a.ndim == 2}
         inputs = _store(
-            carry.inputs, row["recv_f"], self.act(lax.ppermute(carry.send_f, axis, _ring(p, +1)))
+            carry.inputs,
+            row["recv_f"],
+            self.permute(self.program["permute_f"][t], carry.send_f, +1),
         )
         grads_in = carry.grads_in
         if backward:
-            arrived = self.act(lax.ppermute(carry.send_b, axis, _ring(p, -1)))
+            arrived = self.permute(self.program["permute_b"][t], carry.send_b, -1)
             grads_in = _store(grads_in, row["recv_b"], arrived)
         carry = carry._replace(inputs=inputs, grads_in=grads_in)
-        branches = [self.idle, self.forward, self.backward if backward else self.idle]
-        send_f, send_b, grads, loss = lax.switch(
-            row["kind"], [functools.partial(b, carry, row) for b in branches]
+        actions = [self.idle, self.forward]
+        actions += [self.input_grad, self.weight_grad] if backward else [self.idle, self.idle]
+        out = lax.switch(
+            row["kind"], [functools.partial(a, carry, row, backward=backward) for a in actions]
         )
-        return _Carry(inputs, grads_in, send_f, send_b, grads, carry.loss + loss)
+        kind, slot = row["kind"], row["slot"]
+        if backward:
+            forward, last = kind == 1, row["last_chunk"]
+            residuals = [
+                _store(buf, jnp.where(forward, slot, -1), new)
+                for buf, new in zip(carry.residuals, out.residuals, strict=True)
+            ]
+            grads_in = _store(grads_in, jnp.where(forward & last, slot, -1), out.grad_out)
+            layer_grads = _store(carry.layer_grads, jnp.where(kind == 2, slot, -1), out.layer_grads)
+            carry = carry._replace(residuals=residuals, grads_in=grads_in, layer_grads=layer_grads)
+        return carry._replace(
+            send_f=out.send_f, send_b=out.send_b, grads=out.grads, loss=carry.loss + out.loss
+        )
 
 
 def _take(tree: Any, i: Any) -> Any:
@@ -196,17 +363,19 @@ def _store(buffer: jax.Array, slot: Any, value: jax.Array) -> jax.Array:
 def _execute(
     fns: tuple,
     params: tuple,
-    inputs: Any,
-    targets: Any,
+    data: tuple,
     table: TickTable,
     axis: str,
     backward: bool,
 ) -> tuple[jax.Array, Any]:
-    """Runs `table` on this device: the mean loss and (if `backward`) the gradients."""
-    ticks = _Ticks(fns, params, inputs, targets, table, axis)
+    """Runs `table` on this device: the mean loss and (if `backward`) the gradients.
+    Differentiating, it runs `table.split()`; the forward alone runs `table`'s forwards."""
+    if backward:
+        table = table.split()
+    ticks = _Ticks(fns, params, data, table, axis)
     final, _ = lax.scan(
         lambda c, t: (ticks.tick(c, t, backward), None),
-        ticks.initial(),
+        ticks.initial(backward),
         jnp.arange(table.num_ticks),
     )
     loss = lax.psum(final.loss, axis) / table.microbatches
@@ -238,7 +407,7 @@ def _match(grad: Any, primal: Any) -> Any:
 
 def pipeline_loss(
     first_fn: FirstFn,
-    stage_fn: StageFn,
+    layer_fn: LayerFn,
     last_fn: LastFn,
     first_params: Any,
     stage_params: Any,
@@ -248,36 +417,44 @@ def pipeline_loss(
     *,
     table: TickTable,
     axis_name: str = "pipeline",
+    key: Any = None,
 ) -> jax.Array:
     """The mean loss over `m` microbatches, run through the pipeline by `table`.
 
     Per-shard code: call it inside `eqxpar.filter_shard_map` with the pipeline axis
     bound. Differentiable: its gradient was computed alongside the loss by the
-    schedule's backward actions (a `custom_vjp`), so `jax.grad` of a loss built on
-    it costs one schedule, not two.
+    schedule's backward actions (a `custom_vjp`, running `table.split()`), so
+    `jax.grad` of a loss built on it costs one schedule, not two.
 
     **Arguments:**
 
     - `first_fn(first_params, inputs_mb) -> x`: the input layers (e.g. the embedding),
       run only by the stage holding chunk 0.
-    - `stage_fn(chunk_params, x) -> x`: one chunk of layers; activations keep their
-      shape.
+    - `layer_fn(layer_params, x, key) -> x`: one layer; activations keep their shape.
+      `key` is that layer's PRNG key (`None` without `key`). Checkpoint it
+      (`eqxpar.nn.remat`) to store less and recompute in the backward.
     - `last_fn(last_params, x, targets_mb) -> scalar`: the output layers and the loss
       of one microbatch, run only by the stage holding the last chunk.
     - `first_params`, `last_params`: replicated over the pipeline axis.
-    - `stage_params`: this device's chunks, with leading dims `(virtual, 1)`: globally
-      `(virtual, stages, ...)` with the stage dim split over `axis_name`. Chunk
-      `v * stages + s` lives on stage `s` (Megatron's interleaved layout).
+    - `stage_params`: this device's layers, with leading dims `(virtual, 1, layers)`:
+      globally `(virtual, stages, layers, ...)` with the stage dim split over
+      `axis_name`. Chunk `v * stages + s` lives on stage `s` (Megatron's interleaved
+      layout) and holds `layers` layers, run in order.
     - `inputs`, `targets`: pytrees whose arrays have a leading microbatch dim `m`.
     - `table`: the schedule's `TickTable` for `stages` = the axis size, `m`.
     - `axis_name`: the pipeline mesh axis.
+    - `key`: a PRNG key for the layers (e.g. dropout), or `None`. Microbatch `i` gets
+      `jax.random.fold_in(key, i)`, split into one key per global layer in layer order
+      (`jax.random.split(..., num_layers)`, as `eqxpar.nn.scan_layers` does): the keys
+      of gradient accumulation over the same microbatches
+      (`eqxpar.train.make_train_step(accumulation_steps=m)`).
 
     **Returns:**
 
     The mean of `last_fn` over the microbatches, identical on every stage.
     """
     (fp, sp, lp), static = eqx.partition((first_params, stage_params, last_params), eqx.is_array)
-    fns = _with_static(first_fn, stage_fn, last_fn, static)
+    fns = _with_static(first_fn, layer_fn, last_fn, static)
     leaves = jax.tree.leaves((inputs, targets))
     if leaves and leaves[0].shape[0] != table.microbatches:
         raise ValueError(
@@ -294,36 +471,38 @@ def pipeline_loss(
     run = functools.partial(_execute, fns, table=table, axis=axis_name)
 
     @jax.custom_vjp
-    def loss_of(fp: Any, sp: Any, lp: Any, inputs: Any, targets: Any) -> jax.Array:
-        return run((fp, sp, lp), inputs, targets, backward=False)[0]
+    def loss_of(fp: Any, sp: Any, lp: Any, data: tuple) -> jax.Array:
+        return run((fp, sp, lp), data, backward=False)[0]
 
-    def fwd(fp, sp, lp, inputs, targets):
-        loss, grads = run((fp, sp, lp), inputs, targets, backward=True)
-        zeros = jax.tree.map(_zero_cotangent, (inputs, targets))
-        return loss, (grads, (fp, sp, lp), zeros)
+    def fwd(fp, sp, lp, data):
+        loss, grads = run((fp, sp, lp), data, backward=True)
+        return loss, (grads, (fp, sp, lp), jax.tree.map(_zero_cotangent, data))
 
     def bwd(res, ct):
         grads, primals, zeros = res
         grads = jax.tree.map(lambda g, x: _match(g * ct.astype(g.dtype), x), grads, primals)
-        return (*grads, *zeros)
+        return (*grads, zeros)
 
     loss_of.defvjp(fwd, bwd)
-    return loss_of(fp, sp, lp, inputs, targets)
+    return loss_of(fp, sp, lp, (inputs, targets, key))
 
 
 def _check_stage_params(sp: Any, table: TickTable, axis: str) -> None:
-    """This device's chunks must be `(table.virtual, 1, ...)`: as many chunks per stage
-    as the table runs, the stage dim split over the pipeline axis."""
+    """This device's layers must be `(table.virtual, 1, layers, ...)`: as many chunks
+    per stage as the table runs, the stage dim split over the pipeline axis, the same
+    number of layers in every leaf."""
+    depths = set()
     for path, leaf in jax.tree_util.tree_leaves_with_path(sp):
         shape = tuple(leaf.shape)
         where = f"stage_params{jax.tree_util.keystr(path)}"
-        if len(shape) < 2 or shape[0] != table.virtual:
+        if len(shape) < 3 or shape[0] != table.virtual:
             raise ValueError(
                 f"pipeline_loss: {where} has shape {shape} on this device, so it holds "
                 f"{shape[0] if shape else 0} chunks per stage, but the table runs "
                 f"virtual={table.virtual} chunks per stage. Build the table with a schedule "
                 f"for that many chunks (Interleaved1F1B(virtual) for virtual > 1, OneFOneB() "
-                f"or GPipe() for 1), or stack the stage parameters as (virtual, stages, ...)."
+                f"or GPipe() for 1), or stack the stage parameters as "
+                f"(virtual, stages, layers, ...)."
             )
         if shape[1] != 1:
             raise ValueError(
@@ -332,10 +511,17 @@ def _check_stage_params(sp: Any, table: TickTable, axis: str) -> None:
                 f"Split dim 1 over mesh axis {axis!r} (pass the module with its declared "
                 f"specs, in_specs=None in eqxpar.filter_shard_map)."
             )
+        depths.add(shape[2])
+    if len(depths) > 1:
+        raise ValueError(
+            f"pipeline_loss: the stage parameters hold different numbers of layers per "
+            f"chunk (dim 2: {sorted(depths)}); stack every layer array as "
+            f"(virtual, stages, layers, ...)."
+        )
 
 
 def batch_pipeline_loss(
-    fns: tuple[FirstFn, StageFn, LastFn],
+    fns: tuple[FirstFn, LayerFn, LastFn],
     params: tuple[Any, Any, Any],
     inputs: Any,
     targets: Any,
@@ -345,6 +531,7 @@ def batch_pipeline_loss(
     microbatches: int,
     schedule: AbstractSchedule | None = None,
     axis_name: str = "pipeline",
+    key: Any = None,
 ) -> jax.Array:
     """`pipeline_loss` of a whole batch: split into microbatches, default schedule.
 
@@ -353,9 +540,9 @@ def batch_pipeline_loss(
 
     **Arguments:**
 
-    - `fns`: `(first_fn, stage_fn, last_fn)`, as for `pipeline_loss`.
+    - `fns`: `(first_fn, layer_fn, last_fn)`, as for `pipeline_loss`.
     - `params`: `(first_params, stage_params, last_params)`, as for `pipeline_loss`;
-      `stage_params` stacked `(virtual, stages, ...)` globally.
+      `stage_params` stacked `(virtual, stages, layers, ...)` globally.
     - `inputs`, `targets`: pytrees of this device's batch, leading dim the batch.
     - `stages`, `virtual`: the model's pipeline stages and chunks per stage (its
       configuration, not read from shapes): `stages` must be the size of
@@ -364,6 +551,7 @@ def batch_pipeline_loss(
     - `schedule`: an `AbstractSchedule`; default `OneFOneB()`, or
       `Interleaved1F1B(virtual)` when `virtual > 1`.
     - `axis_name`: the pipeline mesh axis.
+    - `key`: the layers' PRNG key, as for `pipeline_loss`.
 
     **Returns:**
 
@@ -373,10 +561,15 @@ def batch_pipeline_loss(
         schedule = OneFOneB() if virtual == 1 else Interleaved1F1B(virtual)
     table = schedule.table(stages, microbatches)
     if table.virtual != virtual:
+        fits = (
+            "OneFOneB(), GPipe() or ZeroBubbleH1()"
+            if virtual == 1
+            else f"Interleaved1F1B({virtual})"
+        )
         raise ValueError(
             f"batch_pipeline_loss: the schedule {schedule} runs {table.virtual} chunk(s) per "
             f"stage but the model has virtual={virtual}; use "
-            f"{'OneFOneB() or GPipe()' if virtual == 1 else f'Interleaved1F1B({virtual})'}."
+            f"{fits}."
         )
 
     def split(x: jax.Array) -> jax.Array:
@@ -389,22 +582,22 @@ def batch_pipeline_loss(
         return x.reshape(microbatches, x.shape[0] // microbatches, *x.shape[1:])
 
     inputs, targets = jax.tree.map(split, (inputs, targets))
-    return pipeline_loss(*fns, *params, inputs, targets, table=table, axis_name=axis_name)
+    return pipeline_loss(*fns, *params, inputs, targets, table=table, axis_name=axis_name, key=key)
 
 
-def _with_static(first_fn: FirstFn, stage_fn: StageFn, last_fn: LastFn, static: tuple):
+def _with_static(first_fn: FirstFn, layer_fn: LayerFn, last_fn: LastFn, static: tuple):
     """The three functions taking only the array parts of their parameters (modules'
     functions and other non-array leaves are put back from `static`)."""
     fs, ss, ls = static
 
-    def stage(c: Any, x: jax.Array) -> jax.Array:
-        # `c` is one chunk: the stacked (virtual, stage) dims are indexed away, so the
-        # static part's structure (that of the whole stack) still fits.
-        return stage_fn(eqx.combine(c, ss), x)
+    def layer(w: Any, x: jax.Array, key: Any) -> jax.Array:
+        # `w` is one layer: the stacked (virtual, stage, layer) dims are indexed away,
+        # so the static part's structure (that of the whole stack) still fits.
+        return layer_fn(eqx.combine(w, ss), x, key)
 
     return (
         lambda f, x: first_fn(eqx.combine(f, fs), x),
-        stage,
+        layer,
         lambda lp, y, t: last_fn(eqx.combine(lp, ls), y, t),
     )
 

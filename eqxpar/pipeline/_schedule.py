@@ -13,9 +13,15 @@ stages per device the model is cut into `p·v` chunks in order, and device `d` h
 chunks `d, d + p, d + 2p, ...`. Virtual index `c` on stage `s` is global chunk
 `g = c·p + s`.
 
-Time is counted in unit slots: one forward or one backward of one chunk for one
-microbatch takes one tick, and its output reaches the neighbouring device at the next
-tick.
+Time is counted in unit slots: one action of one chunk for one microbatch takes one
+tick, and its output reaches the neighbouring device at the next tick. The executor
+runs `TickTable.split()`: the same programs with every backward split into `B` (the
+input gradient, sent on at once) and `W` (the weight gradient), so that every action
+costs about one chunk forward (a matmul's three products each cost the same) and a
+tick-synchronous SPMD step costs what the MPMD schedule costs.
+`TickTable.step_time` models a table run tick by tick, each tick as long as its slowest
+device; `TickTable.ideal_time` the same programs run MPMD, each device going as soon as
+its inputs arrive.
 """
 
 from __future__ import annotations
@@ -35,23 +41,27 @@ __all__ = [
     "Interleaved1F1B",
     "OneFOneB",
     "TickTable",
+    "ZeroBubbleH1",
 ]
 
-Kind = Literal["F", "B"]
+Kind = Literal["F", "B", "W"]
+KINDS: tuple[str, ...] = ("F", "B", "W")  # also the order of the actions within a tick
 _Key = tuple[str, int, int]  # (kind, microbatch, global chunk)
 
 
 @final
 @dataclasses.dataclass(frozen=True)
 class Action:
-    """One forward (`"F"`) or backward (`"B"`) of one microbatch on one model chunk.
+    """One forward, backward or weight-gradient action of one microbatch on one chunk.
 
     The device that runs it is the table column it sits in; idle slots are `None`.
 
     **Arguments:**
 
-    - `kind`: `"F"` for a forward, `"B"` for a backward (input and weight gradients
-      together).
+    - `kind`: `"F"` for a forward; `"B"` for a backward, which computes the input
+      gradient and, unless the table also holds `"W"` actions, the weight gradient
+      too; `"W"` for the weight gradient alone (zero-bubble schedules split the
+      backward into `B` and `W`).
     - `microbatch`: the microbatch index, `0 <= microbatch < m`.
     - `virtual`: the virtual-stage (model-chunk) index on this device,
       `0 <= virtual < v`; always `0` without interleaving.
@@ -62,8 +72,8 @@ class Action:
     virtual: int = 0
 
     def __post_init__(self):
-        if self.kind not in ("F", "B"):
-            raise ValueError(f"Action(kind={self.kind!r}): kind must be 'F' or 'B'.")
+        if self.kind not in KINDS:
+            raise ValueError(f"Action(kind={self.kind!r}): kind must be 'F', 'B' or 'W'.")
         for name in ("microbatch", "virtual"):
             value = getattr(self, name)
             if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 0:
@@ -88,6 +98,8 @@ def _dependencies(kind: str, mb: int, g: int, n_chunks: int) -> list[_Key]:
     """What must have run at an earlier tick before `kind` of (`mb`, chunk `g`)."""
     if kind == "F":
         return [("F", mb, g - 1)] if g > 0 else []
+    if kind == "W":
+        return [("B", mb, g)]
     deps: list[_Key] = [("F", mb, g)]
     if g < n_chunks - 1:
         deps.append(("B", mb, g + 1))
@@ -150,11 +162,18 @@ class TickTable:
         return len(self.grid)
 
     @property
+    def split_backward(self) -> bool:
+        """Whether the backward is split into `B` (input gradient) and `W` (weight
+        gradient) actions."""
+        return any(a is not None and a.kind == "W" for row in self.grid for a in row)
+
+    @property
     def num_slots(self) -> int:
-        """Activation-buffer slots per device the executor allocates: the most stage
-        inputs one device holds at once, from the tick an input arrives (or, on chunk
-        0, its forward) to its backward. At least `max_in_flight()`; more by the inputs
-        that arrive before their forward can run."""
+        """Activation-buffer slots per device the executor allocates when it runs this
+        table: the most (microbatch, chunk) pairs one device holds at once, from the
+        tick an input arrives (or, on chunk 0, its forward) to its last backward action
+        (`W` when the backward is split, else `B`). At least `max_in_flight()`; more by
+        the inputs that arrive before their forward can run."""
         return int(self.as_arrays()["slot"].max(initial=-1)) + 1 if self.grid else 0
 
     def program(self, stage: int) -> list[Action]:
@@ -171,12 +190,41 @@ class TickTable:
         self._check_stage(stage)
         return [row[stage] for row in self.grid if row[stage] is not None]  # pyright: ignore
 
+    def split(self) -> TickTable:
+        """The same schedule with every backward split into `B` then `W`: what the
+        executor runs.
+
+        Each `B(mb, v)` of a device's program becomes `B(mb, v), W(mb, v)` (a table whose
+        backward is split already keeps its programs), and the programs are simulated
+        into unit ticks again. `B` computes the input gradient and sends it on at once;
+        `W` the weight gradient, from the layer gradients `B` stored. Every action then
+        costs about one chunk forward (a matmul's forward, input-gradient and
+        weight-gradient products cost the same), so a tick-synchronous step costs the
+        MPMD schedule's time. The activations of a (microbatch, chunk) are freed by its
+        `W`, one tick after the `B`: 1F1B still holds at most `p` on stage 0.
+
+        **Returns:**
+
+        A validated `TickTable` with `split_backward` true.
+        """
+        if self.split_backward:
+            return self.validate()
+        programs = []
+        for s in range(self.stages):
+            program: list[Action] = []
+            for a in self.program(s):
+                program.append(a)
+                if a.kind == "B":
+                    program.append(Action("W", a.microbatch, a.virtual))
+            programs.append(program)
+        return _simulate(programs, self.stages, self.microbatches, self.virtual)
+
     def bubble_fraction(self) -> float:
         r"""The idle fraction of the step, counted on the grid.
 
         Every action takes one unit slot (forward and backward of a chunk cost the
         same), so this is $\text{idle slots} / (\text{ticks} \cdot \text{stages})$.
-        For GPipe and 1F1B it equals $(p-1)/(m+p-1)$.
+        For GPipe and 1F1B it equals $(p-1)/(m+p-1)$, split or not.
 
         **Returns:**
 
@@ -187,7 +235,8 @@ class TickTable:
         return idle / total if total else 0.0
 
     def max_in_flight(self, stage: int | None = None) -> int:
-        """The most (microbatch, chunk) pairs forwarded but not yet backwarded at once.
+        """The most (microbatch, chunk) pairs forwarded but not yet released at once
+        (by the backward, or by `W` when the backward is split).
 
         This is the number of activation slots the executor keeps on that stage (each
         chunk of each microbatch counted separately). 1F1B needs `min(p, m)` on stage
@@ -204,9 +253,10 @@ class TickTable:
         if stage is None:
             return max(self.max_in_flight(s) for s in range(self.stages))
         self._check_stage(stage)
+        release = "W" if self.split_backward else "B"
         alive, most = 0, 0
         for a in self.program(stage):
-            alive += 1 if a.kind == "F" else -1
+            alive += 1 if a.kind == "F" else -1 if a.kind == release else 0
             most = max(most, alive)
         return most
 
@@ -219,7 +269,9 @@ class TickTable:
           device one tick later);
         - `B(mb, g)` needs its own `F(mb, g)` at an earlier tick, and `B(mb, g+1)` at
           an earlier tick unless `g` is the last chunk `p·v - 1`;
-        - every (microbatch, chunk) has exactly one `F` and one `B`.
+        - `W(mb, g)` needs `B(mb, g)` at an earlier tick;
+        - every (microbatch, chunk) has exactly one `F` and one `B`, and either every
+          one has one `W` or none has.
 
         **Returns:**
 
@@ -227,20 +279,7 @@ class TickTable:
         """
         p, m, v = self.stages, self.microbatches, self.virtual
         n_chunks = p * v
-        when: dict[_Key, tuple[int, int]] = {}
-        for t, row in enumerate(self.grid):
-            for s, a in enumerate(row):
-                if a is None:
-                    continue
-                key = (a.kind, a.microbatch, a.virtual * p + s)
-                if key in when:
-                    t0, _ = when[key]
-                    raise ValueError(
-                        f"Invalid schedule: tick {t}, stage {s}: {_describe(a, s, p)} runs "
-                        f"a second time (it already ran at tick {t0}). Each (microbatch, "
-                        f"chunk) has exactly one F and one B."
-                    )
-                when[key] = (t, s)
+        when = self._when()
         for t, row in enumerate(self.grid):
             for s, a in enumerate(row):
                 if a is None:
@@ -261,44 +300,157 @@ class TickTable:
                             f"needs {need} at an earlier tick, but that runs at tick "
                             f"{t_dep}. Move it to tick {t_dep + 1} or later."
                         )
-        for kind in ("F", "B"):
+        for kind in ("F", "B", "W") if self.split_backward else ("F", "B"):
             for mb in range(m):
                 for g in range(n_chunks):
                     if (kind, mb, g) not in when:
                         raise ValueError(
                             f"Invalid schedule: {kind}(microbatch={mb}) of chunk {g} never "
                             f"runs on {_where(g, p)}. Each (microbatch, chunk) has "
-                            f"exactly one F and one B."
+                            f"exactly one F and one B"
+                            + (" (and one W when the backward is split)." if kind == "W" else ".")
                         )
         return self
 
-    def as_arrays(self) -> dict[str, np.ndarray]:
-        """The program an executor runs: the table as arrays of shape `(num_ticks, stages)`.
+    def _when(self) -> dict[_Key, tuple[int, int]]:
+        """`(kind, microbatch, chunk) -> (tick, stage)`; raises on an action that runs
+        twice."""
+        p = self.stages
+        when: dict[_Key, tuple[int, int]] = {}
+        for t, row in enumerate(self.grid):
+            for s, a in enumerate(row):
+                if a is None:
+                    continue
+                key = (a.kind, a.microbatch, a.virtual * p + s)
+                if key in when:
+                    raise ValueError(
+                        f"Invalid schedule: tick {t}, stage {s}: {_describe(a, s, p)} runs "
+                        f"a second time (it already ran at tick {when[key][0]}). Each "
+                        f"(microbatch, chunk) has exactly one F and one B."
+                    )
+                when[key] = (t, s)
+        return when
 
-        This is the one conversion from a table to what `pipeline_loss` executes, and
-        `num_slots` is read from it. Every (microbatch, chunk) on a device owns one
-        buffer slot from the tick its input arrives (the previous chunk's forward ran
-        the tick before; chunk 0: its own forward) to the tick of its backward, which
-        frees it; slots are taken lowest-free-first in order of arrival. The output
-        gradient of that (microbatch, chunk) uses the same slot of a second buffer.
+    def step_time(
+        self,
+        t_f: float = 1.0,
+        t_b: float = 1.0,
+        t_w: float = 1.0,
+        *,
+        latency: float = 0.0,
+        recompute: bool = False,
+    ) -> float:
+        r"""The modeled step time of this table run tick by tick, every tick as long as
+        its slowest device (the SPMD executor inside `shard_map`).
+
+        Tick `t` costs $\max_s \text{cost}(\text{grid}[t][s])$, plus `latency` when some
+        device sends in it. Per chunk and microbatch, `F` costs `t_f`; `B` costs `t_b`,
+        plus `t_w` when the table has no `W` actions (its backward then computes the
+        weight gradient too); `W` costs `t_w`. With `recompute`, every backward action
+        first recomputes its chunk's forward (`+ t_f`), as eqxpar's executor before
+        version 2 did.
+
+        With `t_b + t_w = 2 t_f` (Megatron's usual assumption): a schedule's table pays
+        `2(m+p-1)·max(t_f, t_b + t_w)`, `table.split()` pays `(m+p-1)(t_f+t_b+t_w)` when
+        `t_b = t_w = t_f`, the MPMD ideal (`ideal_time`).
+
+        **Arguments:**
+
+        - `t_f`, `t_b`, `t_w`: forward, input-gradient and weight-gradient times of
+          one chunk for one microbatch.
+        - `latency`: the time of one point-to-point send between neighbouring stages.
+        - `recompute`: backward actions recompute their forward.
 
         **Returns:**
 
-        A dict of numpy arrays:
+        A float, in the unit of the times.
+        """
+        cost = _costs(t_f, t_b, t_w, self.split_backward, recompute)
+        p, n_chunks = self.stages, self.stages * self.virtual
+        total = 0.0
+        for row in self.grid:
+            total += max(0.0 if a is None else cost[a.kind] for a in row)
+            if any(
+                a is not None and _target(a, s, p, n_chunks) is not None for s, a in enumerate(row)
+            ):
+                total += latency
+        return total
 
-        - `"kind"` (int32): 0 idle, 1 forward, 2 backward;
+    def ideal_time(
+        self,
+        t_f: float = 1.0,
+        t_b: float = 1.0,
+        t_w: float = 1.0,
+        *,
+        latency: float = 0.0,
+        recompute: bool = False,
+    ) -> float:
+        """The step time of the same per-device programs run MPMD: each device starts
+        its next action as soon as it is free and that action's inputs have arrived
+        (`latency` after the neighbour finished). Arguments as for `step_time`.
+
+        For 1F1B (split or not) this is `(m + p - 1)(t_f + t_b + t_w)` without latency.
+
+        **Returns:**
+
+        A float, in the unit of the times.
+        """
+        cost = _costs(t_f, t_b, t_w, self.split_backward, recompute)
+        p, n_chunks = self.stages, self.stages * self.virtual
+        programs = [self.program(s) for s in range(p)]
+        pos, free = [0] * p, [0.0] * p
+        finish: dict[_Key, float] = {}
+        while any(pos[s] < len(programs[s]) for s in range(p)):
+            progressed = False
+            for s in range(p):
+                while pos[s] < len(programs[s]):
+                    a = programs[s][pos[s]]
+                    g = a.virtual * p + s
+                    deps = _dependencies(a.kind, a.microbatch, g, n_chunks)
+                    if any(d not in finish for d in deps):
+                        break
+                    ready = [finish[d] + (latency if d[2] % p != s else 0.0) for d in deps]
+                    free[s] = max([free[s], *ready]) + cost[a.kind]
+                    finish[(a.kind, a.microbatch, g)] = free[s]
+                    pos[s] += 1
+                    progressed = True
+            if not progressed:  # pragma: no cover - validate() rules this out
+                raise RuntimeError("ideal_time: the programs deadlock.")
+        return max(free)
+
+    def as_arrays(self) -> dict[str, np.ndarray]:
+        """The program an executor runs: the table as arrays.
+
+        This is the one conversion from a table to what `pipeline_loss` executes (it
+        runs `table.split().as_arrays()`), and `num_slots` is read from it. Every
+        (microbatch, chunk) on a device owns one buffer slot from the tick its input
+        arrives (the previous chunk's forward ran the tick before; chunk 0: its own
+        forward) to the tick of its last backward action (`W` when the backward is
+        split, else `B`), which frees it for later ticks; slots are taken
+        lowest-free-first in order of arrival. Its stored activations, its output
+        gradient and its layers' output gradients live in that slot.
+
+        **Returns:**
+
+        A dict of numpy arrays. Of shape `(num_ticks, stages)`:
+
+        - `"kind"` (int32): 0 idle, 1 forward, 2 backward (`B`), 3 weight gradient (`W`);
         - `"mb"` (int32): the microbatch;
         - `"virt"` (int32): the virtual-stage (chunk) index on that device;
         - `"slot"` (int32): the buffer slot of that (microbatch, chunk) on that device,
           in `[0, num_slots)`;
         - `"first_chunk"` (bool): the action is on global chunk 0 (its forward reads
-          the microbatch input rather than the previous device's output);
+          the microbatch input; its backward also differentiates the input layers);
         - `"last_chunk"` (bool): the action is on global chunk `p·v - 1` (its forward
-          feeds the loss; its backward starts from the loss gradient);
+          feeds the loss and, when differentiating, starts the backward);
         - `"recv_f"` (int32): the slot that stores the activation arriving at this tick
           (sent by the previous chunk's forward one tick earlier), or -1;
         - `"recv_b"` (int32): the slot that stores the output gradient arriving at this
-          tick (sent by the next chunk's backward one tick earlier), or -1.
+          tick (sent by the next chunk's `B` one tick earlier), or -1.
+
+        Of shape `(num_ticks,)`, `"permute_f"` and `"permute_b"` (bool): some device
+        receives an activation (a gradient) at this tick, so the executor's permute
+        runs; on the other ticks nothing is sent.
 
         Idle entries hold 0 in the int arrays (-1 in `recv_*`) and `False` in the
         flags; mask with `kind`. Raises `ValueError` (from `validate()`) for an invalid
@@ -310,24 +462,23 @@ class TickTable:
     def _program(self) -> dict[str, np.ndarray]:
         self.validate()
         p, v, ticks = self.stages, self.virtual, self.num_ticks
-        when: dict[tuple[str, int, int], tuple[int, int]] = {}  # (kind, mb, g) -> (t, s)
-        for t, row in enumerate(self.grid):
-            for s, a in enumerate(row):
-                if a is not None:
-                    when[(a.kind, a.microbatch, a.virtual * p + s)] = (t, s)
-        slot_of = _assign_slots(when, p)
+        n_chunks = p * v
+        when = self._when()
+        slot_of = _assign_slots(when, p, "W" if self.split_backward else "B")
         out = {k: np.zeros((ticks, p), np.int32) for k in ("kind", "mb", "virt", "slot")}
         out |= {k: np.zeros((ticks, p), bool) for k in ("first_chunk", "last_chunk")}
         out |= {k: np.full((ticks, p), -1, np.int32) for k in ("recv_f", "recv_b")}
         for (kind, mb, g), (t, s) in when.items():
-            out["kind"][t, s] = 1 if kind == "F" else 2
+            out["kind"][t, s] = KINDS.index(kind) + 1
             out["mb"][t, s], out["virt"][t, s] = mb, g // p
             out["slot"][t, s] = slot_of[(mb, g)]
-            out["first_chunk"][t, s], out["last_chunk"][t, s] = g == 0, g == p * v - 1
+            out["first_chunk"][t, s], out["last_chunk"][t, s] = g == 0, g == n_chunks - 1
             # What this action sends arrives at the neighbouring chunk's device next tick.
-            to = g + 1 if kind == "F" else g - 1
-            if t + 1 < ticks and 0 <= to < p * v:
+            to = _target(Action(kind, mb, g // p), s, p, n_chunks)  # pyright: ignore
+            if to is not None and t + 1 < ticks:
                 out["recv_f" if kind == "F" else "recv_b"][t + 1, to % p] = slot_of[(mb, to)]
+        out["permute_f"] = (out["recv_f"] >= 0).any(axis=1)
+        out["permute_b"] = (out["recv_b"] >= 0).any(axis=1)
         return out
 
     def __str__(self) -> str:
@@ -348,18 +499,31 @@ class TickTable:
             raise ValueError(f"stage={stage} is out of range for stages={self.stages}.")
 
 
-def _assign_slots(when: dict[tuple[str, int, int], tuple[int, int]], p: int) -> dict:
+def _costs(t_f: float, t_b: float, t_w: float, split: bool, recompute: bool) -> dict:
+    redo = t_f if recompute else 0.0
+    return {"F": t_f, "B": t_b + (0.0 if split else t_w) + redo, "W": t_w + redo}
+
+
+def _target(a: Action, stage: int, p: int, n_chunks: int) -> int | None:
+    """The global chunk that `a`'s output goes to, or `None` when it sends nothing."""
+    g = a.virtual * p + stage
+    to = g + 1 if a.kind == "F" else g - 1 if a.kind == "B" else -1
+    return to if 0 <= to < n_chunks else None
+
+
+def _assign_slots(when: dict, p: int, release: str) -> dict:
     """`(microbatch, global chunk) -> slot` on its device, for the lifetimes
-    `[arrival, backward]` (arrival: the previous chunk's forward tick + 1; chunk 0: its
-    own forward), lowest free slot first in order of arrival."""
+    `[arrival, release]` (arrival: the previous chunk's forward tick + 1; chunk 0: its
+    own forward; release: its `release` action), lowest free slot first in order of
+    arrival."""
     spans: dict[int, list[tuple[int, int, int, int]]] = {s: [] for s in range(p)}
     for (kind, mb, g), (t, s) in when.items():
         if kind == "F":
             start = t if g == 0 else when[("F", mb, g - 1)][0] + 1
-            spans[s].append((start, when[("B", mb, g)][0], mb, g))
+            spans[s].append((start, when[(release, mb, g)][0], mb, g))
     slot_of: dict[tuple[int, int], int] = {}
     for stage_spans in spans.values():
-        busy_until: list[int] = []  # per slot: the tick of the backward that frees it
+        busy_until: list[int] = []  # per slot: the tick of the action that frees it
         for start, end, mb, g in sorted(stage_spans):
             slot = next((i for i, b in enumerate(busy_until) if b < start), len(busy_until))
             if slot == len(busy_until):
@@ -551,3 +715,34 @@ class Interleaved1F1B(AbstractSchedule):
             program += [Action("B", *step(k, True)) for k in range(total - warmup, total)]
             programs.append(program)
         return _simulate(programs, p, m, v)
+
+
+@final
+@dataclasses.dataclass(frozen=True)
+class ZeroBubbleH1(AbstractSchedule):
+    r"""Zero-bubble ZB-H1 (Qi et al. 2023): 1F1B with the backward split into `B` and `W`.
+
+    `B` (the input gradient) stays on the critical path, in 1F1B's order; `W` (the
+    weight gradient) is deferred: stage `s` runs `W` of microbatch `i - s` after
+    `B` of microbatch `i`, and its last `s` weight gradients at the end, where 1F1B
+    idles. Every stage then holds at most `p` microbatches' activations, 1F1B's peak
+    (stage 0's), and with $t_F = t_B = t_W$ the bubble is $(p-1)(t_F + t_B - t_W)$,
+    a third of 1F1B's $(p-1)(t_F + t_B + t_W)$ (`TickTable.ideal_time`).
+    """
+
+    def table(self, stages: int, microbatches: int) -> TickTable:
+        _check_sizes(self, stages, microbatches)
+        p, m = stages, microbatches
+        programs = []
+        for s in range(p):
+            warmup = min(p - s - 1, m)
+            program = [Action("F", i) for i in range(warmup)]
+            for i in range(m):
+                if warmup + i < m:
+                    program.append(Action("F", warmup + i))
+                program.append(Action("B", i))
+                if i >= s:
+                    program.append(Action("W", i - s))
+            program += [Action("W", i) for i in range(max(m - s, 0), m)]
+            programs.append(program)
+        return _simulate(programs, p, m, 1)
