@@ -131,8 +131,6 @@ def main(argv: list[str] | None = None) -> dict:
             f"--batch-size: {args.batch_size} does not split over data={data_size} x "
             f"expert={experts}; use a multiple of {data_size * experts}"
         )
-    if stages > 1 and args.dropout:
-        sys.exit("--dropout: not supported on pipeline meshes yet; drop it or use pipeline=1")
     if stages > 1 and context > 1:
         sys.exit("--mesh: pipeline and context together are not supported yet; use one of them")
     virtual, micro = batch_layout(args, data_size, stages)
