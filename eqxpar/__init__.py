@@ -1,6 +1,7 @@
 """eqxpar: Megatron-style parallel building blocks for JAX + Equinox."""
 
 from . import collectives as collectives
+from . import distributed as distributed
 from . import nn as nn
 from . import profile as profile
 from . import train as train

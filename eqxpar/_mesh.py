@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -78,13 +79,22 @@ def make_mesh(
     **Arguments:**
 
     - `data`, `tensor`, `pipeline`, `context`, `expert`: the size of each axis.
-    - `devices`: the devices to use, exactly `data * tensor * ... ` of them; defaults to
-      `jax.devices()`. Pass `jax.devices()[:n]` to use fewer.
+    - `devices`: the devices to use, exactly `data * tensor * ... ` of them, laid out
+      in the order given; defaults to `jax.devices()`. Pass `jax.devices()[:n]` to use
+      fewer.
     - `axis_types`: `"auto"` (default) or `"explicit"` sharding mode for every axis.
 
     **Returns:**
 
     A `jax.sharding.Mesh` whose `shape` maps each axis name to its size.
+
+    **Several processes** (after `eqxpar.distributed.initialize`): by default the mesh
+    spans every process's devices, ordered by process, so the outermost axes of size
+    > 1 (pipeline, then data, ...) go across processes (hosts) and the tensor axis stays
+    inside each process, where devices are fastest to reach. A `tensor` size that does
+    not divide the devices of one process raises (pass `devices=` to lay the mesh out
+    yourself). The layout is logged (logger `"eqxpar"`, level INFO); get it as text with
+    `eqxpar.distributed.layout(mesh)`.
     """
     sizes = {DATA: data, TENSOR: tensor, PIPELINE: pipeline, CONTEXT: context, EXPERT: expert}
     for name, size in sizes.items():
@@ -95,6 +105,9 @@ def make_mesh(
     shape = tuple(sizes[name] for name in AXIS_ORDER)
     needed = math.prod(shape)
     devs = list(jax.devices() if devices is None else devices)
+    spread = devices is None and jax.process_count() > 1
+    if spread:
+        devs = _by_process(devs, sizes)
     if len(devs) != needed:
         asked = " x ".join(f"{k}={v}" for k, v in sizes.items() if v > 1) or "all axes 1"
         hint = (
@@ -112,11 +125,41 @@ def make_mesh(
             f"axis sizes so their product is {len(devs)}, or {hint}."
         )
     kind = AxisType.Auto if axis_types == "auto" else AxisType.Explicit
-    return Mesh(
+    mesh = Mesh(
         np.asarray(devs, dtype=object).reshape(shape),
         AXIS_ORDER,
         axis_types=(kind,) * len(AXIS_ORDER),
     )
+    if spread:
+        from .distributed import layout
+
+        logging.getLogger("eqxpar").info("make_mesh: %s", layout(mesh))
+    return mesh
+
+
+def _by_process(devices: list[Any], sizes: dict[str, int]) -> list[Any]:
+    """`devices` ordered by process (then id), after checking that every process has
+    as many and that a tensor group fits inside one."""
+    per: dict[int, int] = {}
+    for d in devices:
+        per[d.process_index] = per.get(d.process_index, 0) + 1
+    if len(set(per.values())) > 1:
+        counts = ", ".join(f"process {p}: {n}" for p, n in sorted(per.items()))
+        raise ValueError(
+            f"make_mesh: the processes have different numbers of devices ({counts}); a "
+            f"mesh over all of them needs the same number on each. Start every process "
+            f"with the same devices, or pass `devices=` to choose them."
+        )
+    local = next(iter(per.values()))
+    if sizes[TENSOR] > 1 and local % sizes[TENSOR]:
+        raise ValueError(
+            f"make_mesh(tensor={sizes[TENSOR]}): with {len(per)} processes of {local} "
+            f"device(s) each, a tensor group of {sizes[TENSOR]} devices would span "
+            f"processes (tensor parallelism communicates at every layer, so eqxpar keeps it "
+            f"inside one). Use a tensor size that divides {local}, or pass `devices=` to "
+            f"lay the mesh out yourself."
+        )
+    return sorted(devices, key=lambda d: (d.process_index, d.id))
 
 
 def describe_mesh(mesh) -> str:

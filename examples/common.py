@@ -8,6 +8,7 @@ imported on first use, so `--help` and flag errors come back at once.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,12 +20,55 @@ __all__ = [
     "batch_layout",
     "build_mesh",
     "checkpointing",
+    "load_batch",
     "pipeline_schedule",
+    "start_jax",
 ]
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 # The data-parallel strategies of `eqxpar.train`: what `--strategy` chooses among.
 STRATEGIES = ("dp", "zero1", "zero2", "fsdp")
+
+
+def start_jax(args) -> bool:
+    """Starts JAX: the distributed runtime when this is one of several processes
+    (`eqxpar.distributed.initialize`, a no-op otherwise), then the devices of `--devices`.
+
+    Under `python -m eqxpar.launch` each process has the launcher's
+    `--devices-per-process` CPU devices; a `--devices` that says otherwise is an error.
+    Returns whether this process prints (process 0).
+    """
+    from eqxpar.launch import DEVICES_ENV
+
+    launched = os.environ.get(DEVICES_ENV)
+    devices = 8 if args.devices is None else args.devices
+    if launched is not None:
+        if args.devices is not None and args.devices != int(launched):
+            sys.exit(
+                f"--devices: {args.devices}, but eqxpar.launch gives each process "
+                f"--devices-per-process={launched}; drop --devices (or launch with "
+                f"--devices-per-process {args.devices})"
+            )
+        devices = int(launched)
+
+    import eqxpar as ep
+    from eqxpar.cli import start_devices
+
+    ep.distributed.initialize()
+    start_devices(devices)
+    return ep.distributed.is_main_process()
+
+
+def load_batch(mesh, spec, global_shape, load) -> tuple:
+    """A batch of global arrays of `global_shape`, each split as `spec` over `mesh`, with
+    every process loading only its own block: `load(block)` returns this process's part
+    of each array, `block` being one slice per dim (`eqxpar.distributed.local_slices`)."""
+    import eqxpar as ep
+
+    block = ep.distributed.local_slices(mesh, spec, global_shape)
+    return tuple(
+        ep.distributed.global_array(local, mesh, spec, global_shape) for local in load(block)
+    )
 
 
 def build_mesh(sizes: dict[str, int]):
@@ -77,9 +121,10 @@ def checkpointing(args, state, mesh, strategy):
         return checkpointer, state, 0
     if checkpointer is None or checkpointer.latest_step() is None:
         sys.exit(f"--resume: no checkpoint in --checkpoint-dir={args.checkpoint_dir}")
-    state, start = ep.train.resume(checkpointer, state, mesh=mesh, strategy=strategy)
-    print(f"resumed from step {int(state.step)} (batch {start})")
-    return checkpointer, state, start
+    state, first = ep.train.resume(checkpointer, state, mesh=mesh, strategy=strategy)
+    if ep.distributed.is_main_process():
+        print(f"resumed from step {int(state.step)} (batch {first})")
+    return checkpointer, state, first
 
 
 def _mesh(text: str) -> dict[str, int]:
@@ -141,9 +186,10 @@ def base_parser(
     p.add_argument(
         "--devices",
         type=_at_least(0),
-        default=8,
-        help="simulate this many CPU devices (default 8); 0 keeps JAX's own platform, "
-        "e.g. on a GPU machine (so does JAX_PLATFORMS=cuda or tpu)",
+        default=None,
+        help="simulate this many CPU devices (default 8; under eqxpar.launch, its "
+        "--devices-per-process); 0 keeps JAX's own platform, e.g. on a GPU machine (so "
+        "does JAX_PLATFORMS=cuda or tpu)",
     )
     p.add_argument(
         "--strategy",

@@ -25,7 +25,9 @@ from common import (
     batch_layout,
     build_mesh,
     checkpointing,
+    load_batch,
     pipeline_schedule,
+    start_jax,
 )
 
 
@@ -103,9 +105,8 @@ def unigram_entropy(data) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from eqxpar.cli import start_devices  # JAX loads once the flags are good
-
-    start_devices(args.devices)
+    main_process = start_jax(args)  # JAX (and its distributed runtime) once the flags are good
+    say = print if main_process else (lambda *a, **k: None)
 
     import equinox as eqx
     import jax
@@ -231,9 +232,17 @@ def main(argv: list[str] | None = None) -> dict:
         return fn(model, x, y)
 
     def windows(source, count, rng):
+        """`count` random windows (inputs, targets) as global arrays split as `tokens`:
+        every process draws the same starts, and reads only the rows and positions
+        its own devices hold."""
         starts = rng.integers(0, len(source) - seq - 1, size=count)
-        chunk = np.stack([source[s : s + seq + 1] for s in starts])
-        return chunk[:, :-1][:, order], chunk[:, 1:][:, order]
+
+        def load(block):
+            rows, cols = block
+            chunk = np.stack([source[s : s + seq + 1] for s in starts[rows]])
+            return chunk[:, :-1][:, order[cols]], chunk[:, 1:][:, order[cols]]
+
+        return load_batch(mesh, tokens, (count, seq), load)
 
     def batch_fn(i):  # a function of the batch index alone: resuming replays the data
         return windows(train, batch, np.random.default_rng([args.seed, i]))
@@ -242,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.experts:
         context_text += f", MoE: {args.experts} experts, top-{args.top_k}, every {args.moe_every}"
     eval_x, eval_y = windows(held_out, 4 * batch, np.random.default_rng([args.seed, 2**31]))
-    print(
+    say(
         f"Transformer: {count_params(state.model) / 1e6:.2f}M params, {config.num_layers} layers x "
         f"{config.dim} wide, on {mesh_text} ({args.strategy}, {args.precision}, "
         f"remat={args.remat}, "
@@ -250,9 +259,11 @@ def main(argv: list[str] | None = None) -> dict:
         f"corpus {len(corpus):,} bytes; "
         f"unigram baseline {baseline:.3f} nats/byte"
     )
+    if jax.process_count() > 1:
+        say(f"devices: {ep.distributed.layout(mesh)}")
     out = args.out / "transformer"
     checkpointer, state, start = checkpointing(args, state, mesh, args.strategy)
-    if start == 0 and (out / "metrics.jsonl").exists():
+    if main_process and start == 0 and (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()
     begin = time.perf_counter()
     try:
@@ -274,7 +285,8 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(str(e))
     elapsed = time.perf_counter() - begin
     prompt_text = b"The "
-    prompt = jnp.asarray(np.frombuffer(prompt_text, np.uint8).astype(np.int32))[None]
+    prompt = np.frombuffer(prompt_text, np.uint8).astype(np.int32)[None]
+    prompt = ep.distributed.global_array(prompt, mesh, P(), prompt.shape)
     sampler = state.model.with_config(
         sequence_parallel=False,
         remat="none",
@@ -293,14 +305,17 @@ def main(argv: list[str] | None = None) -> dict:
         )
     )
     sample = bytes(np.asarray(generate(sampler, prompt))[0].astype(np.uint8))
-    ep.train.plot_losses(out / "loss.png", rows, f"byte LM, {mesh_text}, baseline {baseline:.2f}")
+    if main_process:
+        ep.train.plot_losses(
+            out / "loss.png", rows, f"byte LM, {mesh_text}, baseline {baseline:.2f}"
+        )
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
     final = evals[-1] if evals else float("nan")
-    print(
+    say(
         f"done in {elapsed:.0f}s: held-out loss {final:.3f} nats/byte vs unigram "
         f"{baseline:.3f}; metrics in {out / 'metrics.jsonl'}, plot in {out / 'loss.png'}"
     )
-    print("sample:\n" + sample.decode("utf-8", errors="replace"))
+    say("sample:\n" + sample.decode("utf-8", errors="replace"))
     return {"eval_loss": final, "baseline": baseline, "sample": sample, "rows": rows}
 
 

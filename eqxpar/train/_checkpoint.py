@@ -146,7 +146,14 @@ class Checkpointer:
         `eqx.filter_eval_shape`): the checkpoint's arrays are read directly into its
         shardings on `mesh` under `strategy`, so a run saved on one mesh resumes on any
         other. If a stored array's shape differs from the target's only by a reshape (a
-        different pipeline layout of the same layers), it is read whole and reshaped.
+        different pipeline layout of the same layers), it is read split like the target
+        where the two layouts agree (the trailing dims they share, and the leading dim
+        where both divide), and reshaped on the devices into the target's sharding: no
+        host ever holds a whole array, so it works across processes too.
+
+        With several processes (`eqxpar.distributed`), every process calls `save` and
+        `restore` alike and reads or writes only its own devices' shards; a checkpoint
+        written by N processes restores in M processes on another mesh.
 
         **Arguments:**
 
@@ -209,7 +216,8 @@ class Checkpointer:
                     f"has {shape}: it is a different model."
                 )
             same = stored == shape
-            target = NamedSharding(mesh, spec if same else jax.sharding.PartitionSpec())
+            read = spec if same else _reshape_source_spec(stored, shape, spec, mesh)
+            target = NamedSharding(mesh, read)
             targets.append(jax.ShapeDtypeStruct(stored, raw.dtype, sharding=target))
             reshapes.append(None if same else (shape, NamedSharding(mesh, spec)))
         template = _to_storable(eqx.filter(like, _is_arr))
@@ -236,7 +244,7 @@ class Checkpointer:
         ):
             if reshape is not None:  # another layout of the same array (pipeline chunks)
                 shape, sharding = reshape
-                value = jax.device_put(np.asarray(value).reshape(shape), sharding)
+                value = _reshape_on_device(value, shape, sharding)
             values.append(jax.random.wrap_key_data(value) if _is_key(x) else value)
         it = iter(values)
         state = jax.tree.unflatten(
@@ -306,6 +314,36 @@ def _describe(error: BaseException) -> str:
     text = " ".join(text.split())
     text = text if len(text) <= 400 else text[:397] + "..."
     return text if _TENSORSTORE_DAMAGE.match(text) else f"{type(error).__name__}: {text}"
+
+
+def _reshape_source_spec(
+    stored: tuple[int, ...], shape: tuple[int, ...], spec: Any, mesh: Any
+) -> jax.sharding.PartitionSpec:
+    """How to read an array stored as `stored` that is restored into `shape` split as
+    `spec`: the target's splits of the trailing dims both shapes share, and its split of
+    the leading dim where the stored leading dim divides by it too (a row-major reshape
+    keeps equal blocks of the leading dim, so each device reads what it will hold)."""
+    entries = tuple(spec) + (None,) * (len(shape) - len(tuple(spec)))
+    suffix = 0
+    while (
+        suffix < min(len(stored), len(shape)) - 1
+        and stored[len(stored) - 1 - suffix] == shape[len(shape) - 1 - suffix]
+    ):
+        suffix += 1
+    read: list[Any] = [None] * len(stored)
+    if suffix:
+        read[len(stored) - suffix :] = entries[len(shape) - suffix :]
+    if entries[0] is not None:
+        names = entries[0] if isinstance(entries[0], tuple) else (entries[0],)
+        split = int(np.prod([mesh.shape[n] for n in names]))
+        if stored[0] % split == 0:
+            read[0] = entries[0]
+    return jax.sharding.PartitionSpec(*read)
+
+
+def _reshape_on_device(value: jax.Array, shape: tuple[int, ...], sharding: Any) -> jax.Array:
+    """`value.reshape(shape)`, computed where the shards are, into `sharding`."""
+    return jax.jit(lambda v: v.reshape(shape), out_shardings=sharding)(value)
 
 
 def _is_arr(x: Any) -> bool:

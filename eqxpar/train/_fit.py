@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+import jax
+
 from ._checkpoint import Checkpointer, CheckpointError
 from ._state import TrainState
 
@@ -68,6 +70,10 @@ def fit(
     - `progress_every`: steps between plain progress lines; by default a tenth of the
       steps this call runs, and at most 100.
 
+    In a run of several processes (`eqxpar.distributed`), every process trains and
+    returns the same rows, but only process 0 shows progress, writes `metrics_path` and
+    draws `plot_path`.
+
     **Returns:**
 
     `(state, rows)`: the final state and the metric rows.
@@ -75,10 +81,11 @@ def fit(
     if on_nonfinite not in ("stop", "skip"):
         raise ValueError(f"on_nonfinite={on_nonfinite!r}; use 'stop' or 'skip'.")
     rows: list[dict] = []
-    out = None if metrics_path is None else Path(metrics_path)
+    main = jax.process_index() == 0  # the process that prints and writes files
+    out = None if metrics_path is None or not main else Path(metrics_path)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-    bar = _progress(start, steps, progress, progress_every, items_per_step)
+    bar = _progress(start, steps, progress, progress_every, items_per_step, main)
 
     def record(row: dict) -> None:
         rows.append(row)
@@ -139,7 +146,7 @@ def fit(
         if checkpointer is not None:
             checkpointer.wait()
         bar.close()
-        if plot_path is not None and rows:
+        if plot_path is not None and rows and main:
             plot_losses(Path(plot_path), rows)
     return state, rows
 
@@ -185,14 +192,17 @@ def resume(
         except CheckpointError as e:
             if not fallback:
                 raise
-            print(
-                f"skipping damaged checkpoint step {step}: its {e.part} cannot be read ({e.reason})"
-            )
+            if jax.process_index() == 0:
+                print(
+                    f"skipping damaged checkpoint step {step}: its {e.part} cannot be read "
+                    f"({e.reason})"
+                )
             errors.append(e)
             continue
         if errors:
             skipped = ", ".join(f"step {e.step}" for e in errors)
-            print(f"restored checkpoint step {step} (skipped damaged {skipped})")
+            if jax.process_index() == 0:
+                print(f"restored checkpoint step {step} (skipped damaged {skipped})")
         return state, int(extra.get("data_step", int(state.step)))
     listed = "; ".join(f"step {e.step}: {e.part} ({e.reason})" for e in errors)
     raise CheckpointError(
@@ -226,15 +236,21 @@ def plot_losses(path: Path, rows: list[dict], title: str | None = None) -> Path:
 
 
 def _progress(
-    start: int, steps: int, progress: bool, every: int | None, items_per_step: int | None
+    start: int,
+    steps: int,
+    progress: bool,
+    every: int | None,
+    items_per_step: int | None,
+    main: bool = True,
 ) -> _Lines | _Bar:
-    """A tqdm bar on a terminal; plain lines (or none, without `progress`) elsewhere."""
+    """A tqdm bar on a terminal; plain lines (or none, without `progress`) elsewhere;
+    nothing at all on a process other than the `main` one."""
     if every is None:
         every = max(1, min(100, math.ceil((steps - start) / 10)))
     elif every < 1:
         raise ValueError(f"progress_every={every}; it must be at least 1.")
-    lines = _Lines(steps, every if progress else None, items_per_step)
-    if progress and sys.stderr.isatty():  # where tqdm draws
+    lines = _Lines(steps, every if progress and main else None, items_per_step, main)
+    if progress and main and sys.stderr.isatty():  # where tqdm draws
         try:
             return _Bar(start, steps, items_per_step)
         except ImportError:  # pragma: no cover - tqdm is in the `examples` extra
@@ -249,10 +265,13 @@ fraction) is recorded in each row and shown in the progress line."""
 
 class _Lines:
     """Progress as a plain line every `every` steps and after the last (none if `every`
-    is None); messages as printed lines."""
+    is None); messages as printed lines (none if not `echo`)."""
 
-    def __init__(self, steps: int, every: int | None, items_per_step: int | None):
+    def __init__(
+        self, steps: int, every: int | None, items_per_step: int | None, echo: bool = True
+    ):
         self.steps, self.every, self.items_per_step = steps, every, items_per_step
+        self.echo = echo
         self.time, self.count = 0.0, 0
 
     def update(self, done: int, loss: float, dt: float, extra: dict | None = None) -> None:
@@ -269,7 +288,8 @@ class _Lines:
         self.time, self.count = 0.0, 0
 
     def write(self, text: str) -> None:
-        print(text, flush=True)
+        if self.echo:
+            print(text, flush=True)
 
     def close(self) -> None:
         """Nothing to close: every line is already flushed."""
