@@ -89,10 +89,11 @@ def make_mesh(
     A `jax.sharding.Mesh` whose `shape` maps each axis name to its size.
 
     **Several processes** (after `eqxpar.distributed.initialize`): by default the mesh
-    spans every process's devices, ordered by process, so the outermost axes of size
-    > 1 (pipeline, then data, ...) go across processes (hosts) and the tensor axis stays
-    inside each process, where devices are fastest to reach. A `tensor` size that does
-    not divide the devices of one process raises (pass `devices=` to lay the mesh out
+    spans every process's devices, ordered by host and then by process, so the
+    outermost axes of size > 1 (pipeline, then data, ...) go across hosts and the
+    tensor axis stays inside a host, where devices are fastest to reach (inside one
+    process too when each process holds a whole host). A `tensor` size that does not
+    divide the devices of one host raises (pass `devices=` to lay the mesh out
     yourself). The layout is logged (logger `"eqxpar"`, level INFO); get it as text with
     `eqxpar.distributed.layout(mesh)`.
     """
@@ -138,8 +139,10 @@ def make_mesh(
 
 
 def _by_process(devices: list[Any], sizes: dict[str, int]) -> list[Any]:
-    """`devices` ordered by process (then id), after checking that every process has
-    as many and that a tensor group fits inside one."""
+    """`devices` ordered by host, then process, then id, after checking that every
+    process has as many and that a tensor group fits inside one host."""
+    from .distributed import hosts
+
     per: dict[int, int] = {}
     for d in devices:
         per[d.process_index] = per.get(d.process_index, 0) + 1
@@ -150,16 +153,24 @@ def _by_process(devices: list[Any], sizes: dict[str, int]) -> list[Any]:
             f"mesh over all of them needs the same number on each. Start every process "
             f"with the same devices, or pass `devices=` to choose them."
         )
-    local = next(iter(per.values()))
-    if sizes[TENSOR] > 1 and local % sizes[TENSOR]:
+    host_of = hosts()
+    first = {}  # a host's rank: its first process
+    for p in sorted(host_of):
+        first.setdefault(host_of[p], p)
+    on_host: dict[str, int] = {}
+    for d in devices:
+        on_host[host_of[d.process_index]] = on_host.get(host_of[d.process_index], 0) + 1
+    local = min(on_host.values())
+    tensor = sizes[TENSOR]
+    if tensor > 1 and any(n % tensor for n in on_host.values()):
+        counts = ", ".join(f"{h}: {n}" for h, n in on_host.items())
         raise ValueError(
-            f"make_mesh(tensor={sizes[TENSOR]}): with {len(per)} processes of {local} "
-            f"device(s) each, a tensor group of {sizes[TENSOR]} devices would span "
-            f"processes (tensor parallelism communicates at every layer, so eqxpar keeps it "
-            f"inside one). Use a tensor size that divides {local}, or pass `devices=` to "
-            f"lay the mesh out yourself."
+            f"make_mesh(tensor={tensor}): a tensor group of {tensor} devices would span "
+            f"hosts, which hold {counts} device(s) (tensor parallelism communicates at "
+            f"every layer, so eqxpar keeps it inside one host). Use a tensor size that "
+            f"divides {local}, or pass `devices=` to lay the mesh out yourself."
         )
-    return sorted(devices, key=lambda d: (d.process_index, d.id))
+    return sorted(devices, key=lambda d: (first[host_of[d.process_index]], d.process_index, d.id))
 
 
 def describe_mesh(mesh) -> str:

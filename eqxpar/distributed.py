@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = [
     "global_array",
+    "hosts",
     "initialize",
     "is_main_process",
     "layout",
@@ -43,6 +45,7 @@ _log = logging.getLogger("eqxpar")
 # process count and id.
 NUM_PROCESSES_ENV = "JAX_NUM_PROCESSES"
 PROCESS_ID_ENV = "JAX_PROCESS_ID"
+HOST_ENV = "EQXPAR_HOST"
 
 
 def initialize(
@@ -178,6 +181,33 @@ def _detected_process_count() -> int | None:
         except Exception:  # an environment that is present but cannot say: let JAX try
             return None
     return None
+
+
+_HOSTS: dict[int, str] = {}
+
+
+def hosts() -> dict[int, str]:
+    """Each process's host name, by process index (exchanged once through JAX's
+    coordination service); `{0: this host}` on a single process.
+
+    A process's name is the environment variable `EQXPAR_HOST` if set, else its
+    machine's host name. `python -m eqxpar.launch` gives each process a host of its
+    own (`EQXPAR_HOST=<machine>/<id>`), so one machine plays a cluster of hosts.
+    """
+    if _HOSTS:
+        return dict(_HOSTS)
+    me = jax.process_index()
+    name = os.environ.get(HOST_ENV) or socket.gethostname()
+    from jax._src import distributed as jax_distributed
+
+    client = jax_distributed.global_state.client
+    if client is None or jax.process_count() == 1:
+        _HOSTS.update({me: name})
+        return dict(_HOSTS)
+    client.key_value_set(f"eqxpar/hosts/{me}", name)
+    for p in range(jax.process_count()):
+        _HOSTS[p] = client.blocking_key_value_get(f"eqxpar/hosts/{p}", 300_000)
+    return dict(_HOSTS)
 
 
 def is_main_process() -> bool:

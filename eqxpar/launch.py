@@ -8,7 +8,8 @@ For tests and for trying a multi-host run on one machine: each process gets
 coordination service on `127.0.0.1:PORT` and run their collectives with gloo. The
 script calls `eqxpar.distributed.initialize()` (the examples do), which reads what this
 launcher sets: `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`, and
-`EQXPAR_DEVICES_PER_PROCESS` (with `JAX_PLATFORMS=cpu`).
+`EQXPAR_DEVICES_PER_PROCESS` (with `JAX_PLATFORMS=cpu`). Each process plays a host of
+its own (`EQXPAR_HOST`), so `eqxpar.make_mesh` lays the mesh out as on a cluster.
 
 Each line a process prints comes out prefixed with its id (`[1] step 10/20 ...`).
 Ctrl-C and SIGTERM are forwarded to every process (a second Ctrl-C terminates them, a
@@ -30,10 +31,12 @@ import threading
 import time
 from collections.abc import Sequence
 
+from .distributed import HOST_ENV
+
 __all__ = ["main"]
 
 DEVICES_ENV = "EQXPAR_DEVICES_PER_PROCESS"
-GRACE_S = 10.0  # between SIGTERM and SIGKILL when stopping the survivors
+GRACE_S = 5.0  # between SIGTERM and SIGKILL when stopping the survivors
 
 
 def _positive(text: str) -> int:
@@ -122,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             PYTHONUNBUFFERED="1",
         )
         env[DEVICES_ENV] = str(args.devices_per_process)
+        env[HOST_ENV] = f"{socket.gethostname()}/{rank}"  # each process plays a host
         proc = subprocess.Popen(
             [sys.executable, args.script, *args.args],
             env=env,
