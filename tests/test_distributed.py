@@ -465,3 +465,10 @@ def test_docs_page_recipes_name_real_flags():
     for found in flags:
         for flag in re.findall(r"--[\w-]+", found):
             assert flag in known, f"docs/multi-host.md uses {flag}, not a launcher flag"
+
+
+def test_api_reference_lists_the_distributed_names():
+    text = (ROOT / "docs" / "api.md").read_text()
+    for name in ep.distributed.__all__:
+        assert f"::: eqxpar.distributed.{name}\n" in text, f"docs/api.md lacks {name}"
+    assert "multi-host.md" in (ROOT / "mkdocs.yml").read_text()
