@@ -22,7 +22,9 @@ from common import (
     batch_layout,
     build_mesh,
     checkpointing,
+    load_batch,
     pipeline_schedule,
+    start_jax,
 )
 
 MODELS = ("simple", "tp", "pp")
@@ -47,9 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> float:
     args = parse_args(argv)
-    from eqxpar.cli import start_devices  # JAX loads once the flags are good
-
-    start_devices(args.devices)
+    main_process = start_jax(args)  # JAX (and its distributed runtime) once the flags are good
+    say = print if main_process else (lambda *a, **k: None)
 
     import equinox as eqx
     import jax
@@ -121,24 +122,33 @@ def main(argv: list[str] | None = None) -> float:
         return jnp.mean(losses), jnp.mean(jnp.argmax(logits, -1) == y)
 
     pad = (-len(x_test)) % data_size  # the test set must split over "data" too
-    x_eval = np.concatenate([x_test, x_test[:pad]])
-    y_eval = np.concatenate([y_test, y_test[:pad]])
+    x_all = np.concatenate([x_test, x_test[:pad]])
+    y_all = np.concatenate([y_test, y_test[:pad]])
+
+    def rows_of(xs, ys, idx):
+        """Global arrays of the examples `idx`, split over data: each process reads
+        only its own rows."""
+        (x_eval,) = load_batch(mesh, P("data"), (len(idx), xs.shape[1]), lambda b: [xs[idx[b[0]]]])
+        (y_eval,) = load_batch(mesh, P("data"), (len(idx),), lambda b: [ys[idx[b[0]]]])
+        return x_eval, y_eval
+
+    x_eval, y_eval = rows_of(x_all, y_all, np.arange(len(x_all)))
 
     def batch_fn(i):
         idx = np.random.default_rng([args.seed, i]).choice(len(x_train), batch, replace=False)
-        return x_train[idx], y_train[idx]
+        return rows_of(x_train, y_train, idx)
 
     def eval_fn(state):
         loss, acc = evaluate(state.model, x_eval, y_eval)
         return {"loss": loss, "accuracy": acc}
 
-    print(
+    say(
         f"{args.model}: {type(state.model).__name__} on {mesh_text} ({args.strategy}), "
         f"{len(x_train)} train / {len(x_test)} test digits"
     )
     out = args.out / f"classifier-{args.model}"
     checkpointer, state, first = checkpointing(args, state, mesh, args.strategy)
-    if first == 0 and (out / "metrics.jsonl").exists():
+    if main_process and first == 0 and (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()
     start = time.perf_counter()
     state, rows = ep.train.fit(
@@ -155,11 +165,12 @@ def main(argv: list[str] | None = None) -> float:
         items_per_step=batch,
     )
     elapsed = time.perf_counter() - start
-    ep.train.plot_losses(
-        out / "loss.png", rows, f"digits, {args.model} on {mesh_text} ({args.strategy})"
-    )
+    if main_process:
+        ep.train.plot_losses(
+            out / "loss.png", rows, f"digits, {args.model} on {mesh_text} ({args.strategy})"
+        )
     accuracy = rows[-1]["eval_accuracy"]
-    print(
+    say(
         f"done in {elapsed:.1f}s: test accuracy {accuracy:.2%}; "
         f"metrics in {out / 'metrics.jsonl'}, plot in {out / 'loss.png'}"
     )
