@@ -154,6 +154,10 @@ def test_reshape_restores_read_split_like_the_target():
         None, None, "tensor", None
     )
     assert _reshape_source_spec((3, 12), (1, 3, 12), P("pipeline"), mesh) == P(None, None)
+    # A size-1 leading dim: the stages are the first dim of size > 1.
+    assert _reshape_source_spec((4, 72, 24), (1, 2, 2, 72, 24), P(None, "pipeline"), mesh) == P(
+        "pipeline", None, None
+    )
 
 
 def test_launcher_flags(capsys):

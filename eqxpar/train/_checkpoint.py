@@ -321,8 +321,9 @@ def _reshape_source_spec(
 ) -> jax.sharding.PartitionSpec:
     """How to read an array stored as `stored` that is restored into `shape` split as
     `spec`: the target's splits of the trailing dims both shapes share, and its split of
-    the leading dim where the stored leading dim divides by it too (a row-major reshape
-    keeps equal blocks of the leading dim, so each device reads what it will hold)."""
+    the leading dim (the first of size > 1) where the stored leading dim divides by it
+    too (a row-major reshape keeps equal blocks of the leading dim, so each device reads
+    what it will hold)."""
     entries = tuple(spec) + (None,) * (len(shape) - len(tuple(spec)))
     suffix = 0
     while (
@@ -333,11 +334,15 @@ def _reshape_source_spec(
     read: list[Any] = [None] * len(stored)
     if suffix:
         read[len(stored) - suffix :] = entries[len(shape) - suffix :]
-    if entries[0] is not None:
-        names = entries[0] if isinstance(entries[0], tuple) else (entries[0],)
-        split = int(np.prod([mesh.shape[n] for n in names]))
-        if stored[0] % split == 0:
-            read[0] = entries[0]
+    # The first dims of size > 1 (size-1 dims do not change the row-major order).
+    i = next((d for d, n in enumerate(shape) if n > 1), None)
+    j = next((d for d, n in enumerate(stored) if n > 1), None)
+    if i is not None and j is not None and entries[i] is not None:
+        if i < len(shape) - suffix and j < len(stored) - suffix:
+            names = entries[i] if isinstance(entries[i], tuple) else (entries[i],)
+            split = int(np.prod([mesh.shape[n] for n in names]))
+            if stored[j] % split == 0:
+                read[j] = entries[i]
     return jax.sharding.PartitionSpec(*read)
 
 
