@@ -71,6 +71,8 @@ class Launched:
             except ProcessLookupError:
                 pass
             self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 @pytest.fixture
@@ -281,6 +283,7 @@ def test_a_killed_process_stops_the_others_naming_it(launched, tmp_path):
     os.kill(pids[1], signal.SIGKILL)
     killed = time.monotonic()
     code, out = run.finish(timeout=60)
+    print(f"the launch exited {time.monotonic() - killed:.1f}s after the kill")
     assert time.monotonic() - killed < 60
     assert code != 0
     assert "[launch] process 1 was killed by SIGKILL; stopping the other process (0)" in out
@@ -321,6 +324,7 @@ def test_a_lost_process_is_named_by_the_runtime_without_the_launcher(tmp_path):
         killed = time.monotonic()
         out, _ = survivor.communicate(timeout=90)
         elapsed = time.monotonic() - killed
+        print(f"the survivor exited {elapsed:.1f}s after the kill")
         assert survivor.returncode != 0, out
         assert elapsed < 60, f"the survivor took {elapsed:.0f}s to stop"
         assert re.search(r"tasks are unhealthy \(stopped sending heartbeats\):\s*1\b", out), out
@@ -329,6 +333,8 @@ def test_a_lost_process_is_named_by_the_runtime_without_the_launcher(tmp_path):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
 
 
 # ------------------------------------------------------------------ the example
