@@ -13,10 +13,11 @@ its own (`EQXPAR_HOST`), so `eqxpar.make_mesh` lays the mesh out as on a cluster
 
 Each line a process prints comes out prefixed with its id (`[1] step 10/20 ...`).
 Ctrl-C and SIGTERM are forwarded to every process (a second Ctrl-C terminates them, a
-third kills them). When a process fails, the launcher says which one and how, stops
-the others (SIGTERM, then SIGKILL after a grace period), and exits non-zero with the
-failed process's code. Cluster launchers (srun, mpirun, a JobSet) need nothing from
-it: see docs/multi-host.md.
+third kills them; after a SIGTERM, processes still running 30 s later are killed, since
+JAX's preemption notifier catches SIGTERM). When a process fails, the launcher says
+which one and how, stops the others (SIGTERM, then SIGKILL after a grace period), and
+exits non-zero with the failed process's code. Cluster launchers (srun, mpirun, a
+JobSet) need nothing from it: see docs/multi-host.md.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ __all__ = ["main"]
 
 DEVICES_ENV = "EQXPAR_DEVICES_PER_PROCESS"
 GRACE_S = 5.0  # between SIGTERM and SIGKILL when stopping the survivors
+# After a SIGTERM to the launcher: JAX's preemption notifier catches it in each process
+# (a script may checkpoint at `multihost_utils.reached_preemption_sync_point`), so the
+# processes are killed if they are still running this long after.
+TERM_GRACE_S = 30.0
 
 
 def _positive(text: str) -> int:
@@ -143,9 +148,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     interrupts = [0]
+    kill_at = [float("inf")]  # after a SIGTERM: when to kill what is still running
 
     def forward(signum, frame):
         interrupts[0] += 1
+        if signum == signal.SIGTERM:  # JAX's preemption notifier catches it: bound it
+            kill_at[0] = min(kill_at[0], time.monotonic() + TERM_GRACE_S)
         sent = signum
         if signum == signal.SIGINT and interrupts[0] == 2:
             sent = signal.SIGTERM
@@ -170,6 +178,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"({', '.join(map(str, alive)) or 'none left'})"
                     )
                     _stop(procs)
+            if time.monotonic() > kill_at[0]:
+                say(f"still running {TERM_GRACE_S:.0f}s after SIGTERM: killing the processes")
+                for proc in procs:
+                    if proc.poll() is None:
+                        proc.kill()
             time.sleep(0.1)
     finally:
         for s, handler in previous.items():

@@ -482,3 +482,23 @@ def test_api_reference_lists_the_distributed_names():
     for name in ep.distributed.__all__:
         assert f"::: eqxpar.distributed.{name}\n" in text, f"docs/api.md lacks {name}"
     assert "multi-host.md" in (ROOT / "mkdocs.yml").read_text()
+
+
+@pytest.mark.slow
+def test_a_terminated_launch_stops_within_its_grace(launched, tmp_path):
+    """SIGTERM reaches every process, where JAX's preemption notifier catches it; the
+    launcher kills what still runs after `TERM_GRACE_S`."""
+    script = tmp_path / "loop.py"
+    script.write_text(COLLECTIVE_LOOP)
+    run = launched("--processes", "2", "--devices-per-process", "2", str(script))
+    ready = 0
+    while ready < 2:
+        line = run.readline()
+        assert line, "".join(run.lines)
+        ready += bool(re.match(r"\[\d\] ready", line))
+    run.proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    code, out = run.finish(timeout=launch.TERM_GRACE_S + 30)
+    assert code != 0
+    assert time.monotonic() - sent < launch.TERM_GRACE_S + 15
+    assert f"still running {launch.TERM_GRACE_S:.0f}s after SIGTERM" in out
