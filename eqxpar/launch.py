@@ -95,14 +95,15 @@ def _describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
-def _pump(proc: subprocess.Popen, rank: int, lock: threading.Lock) -> None:
-    """Copies a process's output to ours, each line prefixed with its id."""
-    assert proc.stdout is not None
-    for raw in iter(proc.stdout.readline, b""):
+def _pump(source, sink, rank: int, lock: threading.Lock) -> None:
+    """Copies one of a process's streams to ours, whole lines prefixed with its id (its
+    stdout and stderr apart, so that a C++ library's stderr cannot split a line)."""
+    for raw in iter(source.readline, b""):
         line = raw.decode("utf-8", errors="replace").rstrip("\n")
         with lock:
-            sys.stdout.write(f"[{rank}] {line}\n")
-            sys.stdout.flush()
+            sink.write(f"[{rank}] {line}\n")
+            sink.flush()
+    source.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -135,13 +136,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             [sys.executable, args.script, *args.args],
             env=env,
             stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+            stderr=subprocess.PIPE,
             start_new_session=True,  # signals reach it only through us
         )
         procs.append(proc)
-        pump = threading.Thread(target=_pump, args=(proc, rank, lock), daemon=True)
-        pump.start()
-        pumps.append(pump)
+        for source, sink in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)):
+            pump = threading.Thread(target=_pump, args=(source, sink, rank, lock), daemon=True)
+            pump.start()
+            pumps.append(pump)
     say(
         f"{args.processes} processes x {args.devices_per_process} CPU devices, "
         f"coordinator 127.0.0.1:{port}: {args.script} {' '.join(args.args)}".rstrip()
