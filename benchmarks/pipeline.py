@@ -7,7 +7,13 @@ For `eqxpar.pipeline`'s three schedules, `GPipe()`, `OneFOneB()` and
    of each schedule's tick table (`TickTable.bubble_fraction()`) next to the theory,
    `(p-1)/(m+p-1)` for GPipe and 1F1B and `(p-1)/(v·m+p-1)` for the interleaved
    schedule with `v` virtual stages (Narayanan et al. 2021). PASS when they are equal.
-2. **Memory**: the compiled training step's temporaries
+2. **Tick-time model** (`TickTable.step_time`, `TickTable.ideal_time`): for every
+   schedule and `m`, the step time of the schedule as the executor runs it
+   (`table.split()`, tick-synchronous) and as the executor before version 2 ran it
+   (forward and backward ticks, every backward recomputing its forward), each against
+   the MPMD ideal of the schedule, with `t_F = t_B = t_W`. PASS when the executor is
+   within 5% of the ideal at `m >= 2p`, and ZB-H1's bubble is at most 0.4 x 1F1B's.
+3. **Memory**: the compiled training step's temporaries
    (`compiled.memory_analysis().temp_size_in_bytes`, per device) of a
    `models.PPClassifier` for each `m`, the batch growing with `m` (`--batch` rows per
    microbatch per data shard), next to each table's activation-buffer slot count
@@ -15,11 +21,11 @@ For `eqxpar.pipeline`'s three schedules, `GPipe()`, `OneFOneB()` and
    `max_in_flight()`. The claim checked: 1F1B's temporaries stay flat as `m` grows,
    GPipe's grow linearly (see `--gpipe-growth` for the threshold).
    The steps are compiled only, never run.
-3. **Time**: one training step (loss and gradients) at `m = --time-microbatches`
-   (default 8) with `--time-batch` rows per microbatch per data shard, per schedule,
+4. **Time**: one training step (loss and gradients) at `m = --time-microbatches`
+   (default 16) with `--time-batch` rows per microbatch per data shard, per schedule,
    in ms. On CPU with simulated devices every device shares the same cores, so this
    is the executor's overhead, not a speed-up, and idle ticks are not free.
-4. **Collectives** over `pipeline` in each compiled step
+5. **Collectives** over `pipeline` in each compiled step
    (`eqxpar.profile.count_collectives`): only collective-permutes (two per tick) and
    the final all-reduces of the loss and of the first and last stage's gradients.
    Asserted.
@@ -53,7 +59,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import eqxpar as ep
-from eqxpar.pipeline import AbstractSchedule, GPipe, Interleaved1F1B, OneFOneB
+from eqxpar.pipeline import AbstractSchedule, GPipe, Interleaved1F1B, OneFOneB, ZeroBubbleH1
 from eqxpar.profile import CollectiveReport, count_collectives
 from models import PPClassifier
 
@@ -66,6 +72,7 @@ def schedules(virtual: int) -> dict[str, AbstractSchedule]:
         "GPipe": GPipe(),
         "1F1B": OneFOneB(),
         f"interleaved v={virtual}": Interleaved1F1B(virtual),
+        "ZB-H1": ZeroBubbleH1(),
     }
 
 
@@ -98,7 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--time-batch", type=int, default=16,
         help="timing: rows per microbatch per data shard (default 16)",
     )  # fmt: skip
-    parser.add_argument("--time-microbatches", type=int, default=8, help="timing: m (default 8)")
+    parser.add_argument("--time-microbatches", type=int, default=16, help="timing: m (default 16)")
+    parser.add_argument(
+        "--slowdown", type=float, default=1.2,
+        help="PASS needs the 1F1B step at most this times the plain step (default 1.2)",
+    )  # fmt: skip
     parser.add_argument(
         "--flat", type=float, default=1.5,
         help="PASS needs 1F1B's temp at the largest m below this times its smallest-m value",
@@ -165,6 +176,8 @@ def bubble_section(args: argparse.Namespace) -> tuple[list[str], list[tuple[str,
         flat, inter = Fraction(p - 1, m + p - 1), Fraction(p - 1, v * m + p - 1)
         cells: list[Any] = [m]
         for name, schedule in scheds.items():
+            if isinstance(schedule, ZeroBubbleH1):
+                continue  # its bubble is in the tick-time section: B and W differ in time
             theory = inter if virtual_of(schedule) > 1 else flat
             got = schedule.bubble_fraction(p, m)
             ok = abs(got - float(theory)) < 1e-12
@@ -172,14 +185,73 @@ def bubble_section(args: argparse.Namespace) -> tuple[list[str], list[tuple[str,
             cells += [f"{got:.4f}", f"{float(theory):.4f}", "PASS" if ok else "FAIL"]
         rows.append(cells)
     headers = ["m"]
-    for name in scheds:
-        headers += [f"{name} table", "theory", ""]
+    for name, schedule in scheds.items():
+        if not isinstance(schedule, ZeroBubbleH1):
+            headers += [f"{name} table", "theory", ""]
     lines = [
         f"## pipeline: bubble fraction, p={p}, from the tick tables",
         "theory: (p-1)/(m+p-1) for GPipe and 1F1B, (p-1)/(v*m+p-1) interleaved",
         "",
         format_table(headers, rows),
     ]
+    return lines, checks
+
+
+def model_section(
+    args: argparse.Namespace, *_meshes: Any
+) -> tuple[list[str], list[tuple[str, bool]]]:
+    """The tick-time model: each schedule as the executor runs it against the MPMD ideal."""
+    p, v = args.stages, args.virtual
+    rows, checks = [], []
+    for m in args.microbatches:
+        for name, schedule in schedules(v).items():
+            table = schedule.table(p, m)
+            t = 1.0 / virtual_of(schedule)  # a chunk is a v-th of a stage
+            ideal = table.ideal_time(t, t, t)
+            now = table.split().step_time(t, t, t)
+            before = table.step_time(t, t, t, recompute=True)
+            rows.append((m, name, f"{ideal:.2f}", f"{now:.2f}", f"{now / ideal:.3f}",
+                         f"{before:.2f}", f"{before / ideal:.3f}"))  # fmt: skip
+            if not isinstance(schedule, ZeroBubbleH1) and m >= 2 * p:
+                checks.append(
+                    (f"{name} m={m}: executor / MPMD ideal = {now / ideal:.3f} (<= 1.05 wanted)",
+                     now <= 1.05 * ideal)
+                )  # fmt: skip
+    lines = [
+        f"## pipeline: tick-time model, p={p}, t_F = t_B = t_W = 1 per stage "
+        "(t_B + t_W = 2 t_F: the whole backward is twice the forward)",
+        "MPMD ideal: table.ideal_time, each device runs its program as soon as its inputs "
+        "arrive (Megatron's 1F1B:",
+        "(m+p-1)(t_F+t_B+t_W)); executor v2: table.split().step_time, tick-synchronous, every "
+        "tick as long as its",
+        "slowest device; v1: the unsplit table with forward and backward ticks, each "
+        "backward recomputing its forward.",
+        "",
+        format_table(
+            (
+                "m",
+                "schedule",
+                "MPMD ideal",
+                "v2 executor",
+                "v2 / ideal",
+                "v1 executor",
+                "v1 / ideal",
+            ),
+            rows,
+        ),  # fmt: skip
+    ]
+    m = 2 * p
+    work = 3 * m
+    zb = ZeroBubbleH1().table(p, m).ideal_time() - work
+    one = OneFOneB().table(p, m).ideal_time() - work
+    one_split = OneFOneB().table(p, m).split().step_time() - work
+    lines += [
+        "",
+        f"ZB-H1 at m=2p={m}, t_F = t_B = t_W: bubble {zb:g} against 1F1B's {one:g} (MPMD "
+        f"ideal) and {one_split:g} (1F1B as the v2 executor runs it); theory (p-1)(F+B-W) = "
+        f"{p - 1} and (p-1)(F+B+W) = {3 * (p - 1)}",
+    ]
+    checks.append((f"ZB-H1 bubble {zb:g} <= 0.4 x 1F1B's {one:g}", zb <= 0.4 * one))
     return lines, checks
 
 
@@ -200,7 +272,7 @@ def memory_section(
         rows = m * args.batch * d
         x, y = batch(args, rows, NamedSharding(pipe_mesh, P("data")))
         for name, schedule in scheds.items():
-            table = schedule.table(p, m)
+            table = schedule.table(p, m).split()  # what the executor runs
             slots[name][m] = (table.num_slots, table.max_in_flight())
             compiled = pipeline_step(pipe_mesh, schedule, m).lower(placed[name], x, y).compile()
             temps[name][m] = temp_bytes(compiled)
@@ -224,8 +296,7 @@ def memory_section(
 
     lo, hi = ms[0], ms[-1]
     one, gpipe = temps["1F1B"], temps["GPipe"]
-    slot_bytes = 2 * args.batch * args.width * 4  # a chunk input and its gradient, f32
-    growth = (gpipe[hi] - gpipe[lo]) / (hi - lo)
+    steps = [(gpipe[b] - gpipe[a]) / (b - a) for a, b in zip(ms, ms[1:])]
     checks = [
         (
             f"1F1B temp at m={hi} is {one[hi] / one[lo]:.2f}x its m={lo} value "
@@ -238,9 +309,9 @@ def memory_section(
             gpipe[hi] > args.gpipe_growth * gpipe[lo],
         ),
         (
-            f"GPipe temp grows by {mib(growth)} MiB per microbatch = one buffer slot of "
-            f"each of the two buffers (2 x batch x width x 4 B = {mib(slot_bytes)} MiB)",
-            abs(growth - slot_bytes) <= 0.02 * slot_bytes,
+            f"GPipe temp grows linearly, by one slot per microbatch: "
+            f"{', '.join(mib(g) for g in steps)} MiB per microbatch between the m values",
+            max(steps) <= 1.05 * min(steps),
         ),
     ]
     lines = [
@@ -249,7 +320,8 @@ def memory_section(
         f"hidden={args.hidden}, depth={args.depth}, classes={args.classes}, f32; "
         f"mesh pipeline={p}, data={d}; {args.batch} rows per microbatch per data shard",
         "slots / in flight: the executor's buffer slots per device "
-        "(table.num_slots) / table.max_in_flight();",
+        "(table.split().num_slots) / max_in_flight() (a slot: the chunk's stored "
+        "activations, its output gradient and its layers' gradients);",
         "temp MiB: compiled.memory_analysis().temp_size_in_bytes (2^20 B), compiled only. "
         f"{PLAIN}: the same model, no pipeline,",
         f"params replicated, the same global batch split over data={p * d} "
@@ -291,7 +363,7 @@ def time_section(
         compiled = pipeline_step(pipe_mesh, schedule, m).lower(model, x, y).compile()
         calls[name] = (compiled, (model, x, y))
         reports[name] = count_collectives(compiled, pipe_mesh)
-        tables[name] = schedule.table(p, m)
+        tables[name] = schedule.table(p, m).split()  # what the executor runs
     dyn, static = eqx.partition(make_model(args, 1), eqx.is_array)
     params = jax.device_put(dyn, NamedSharding(dp_mesh, P()))
     xd, yd = batch(args, rows, NamedSharding(dp_mesh, P("data")))
@@ -326,6 +398,13 @@ def time_section(
             )
         )
     rows_out.append((PLAIN, f"{ms[PLAIN]:.1f}", "1.00", "-", "-"))
+    checks.append(
+        (
+            f"the 1F1B step costs {ms['1F1B'] / ms[PLAIN]:.2f}x the plain step "
+            f"(<= {args.slowdown:g}x wanted)",
+            ms["1F1B"] <= args.slowdown * ms[PLAIN],
+        )
+    )
     lines = [
         f"## pipeline: one training step (loss + grads), m={m}, "
         f"{args.time_batch} rows per microbatch per data shard (global batch {rows})",
@@ -335,16 +414,20 @@ def time_section(
         format_table(("variant", "ms/step", "x plain", "ticks", "bubble"), rows_out),
         "",
         "Note: the simulated devices share this machine's CPU cores and a collective is a "
-        "memory copy, so",
-        "idle ticks are not free and nothing overlaps: this is the executor's overhead "
+        "memory copy: an idle",
+        "device frees its core for the others, so this measures the executor's overhead "
         "(a lax.switch per tick,",
-        "two ppermutes per tick, the recomputed forward in each backward), not a speed-up.",
+        "the slot buffers, the permutes), not the bubble; the tick-time model above is "
+        "what a schedule costs on",
+        "devices that run in parallel. ticks and bubble: of table.split(), what runs.",
         "",
         "Collectives over `pipeline` in each compiled step (count_collectives): permutes "
-        "(two per tick: activations",
-        "forward, gradients backward), all-reduces whose group includes `pipeline` (the "
-        "loss, and the gradients",
-        "of the embedding, norm and head, held on every stage), and any other kind (none wanted).",
+        "(one each way per tick, in a",
+        "conditional that runs it only on the ticks where something arrives: the count is "
+        "an upper bound), all-reduces",
+        "whose group includes `pipeline` (the loss, and the gradients of the embedding, "
+        "norm and head, held on",
+        "every stage), and any other kind (none wanted).",
         "",
         format_table(
             ("schedule", "ticks", "permutes", "2 x ticks", "all-reduces", "other kinds"),
@@ -387,7 +470,7 @@ def main(argv: list[str] | None = None) -> None:
     lines.append(f"every table's bubble equals the theory: {'FAIL' if failed else 'PASS'}")
     print("\n".join(lines) + "\n", flush=True)
 
-    for section in (memory_section, time_section):
+    for section in (model_section, memory_section, time_section):
         lines, checks = section(args, pipe_mesh, dp_mesh)
         lines += ["", *(f"{text}: {'PASS' if ok else 'FAIL'}" for text, ok in checks)]
         print("\n".join(lines) + "\n", flush=True)

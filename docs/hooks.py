@@ -24,18 +24,21 @@ IMAGES = "images"  # the charts' folder in the site; the page links images/pipel
 @functools.cache
 def _render() -> dict[str, bytes]:
     """The PNGs' bytes by `src_uri`; drawn once per process (`mkdocs serve` rebuilds)."""
-    from eqxpar.pipeline import GPipe, Interleaved1F1B, OneFOneB, plot_schedule
+    from eqxpar.pipeline import GPipe, Interleaved1F1B, OneFOneB, ZeroBubbleH1, plot_schedule
 
     charts = {
         "pipeline-gpipe.png": (GPipe(), "GPipe"),
         "pipeline-1f1b.png": (OneFOneB(), "1F1B"),
         "pipeline-interleaved.png": (Interleaved1F1B(2), "Interleaved 1F1B, v=2"),
+        "pipeline-1f1b-split.png": (OneFOneB(), "1F1B as the executor runs it (split)"),
+        "pipeline-zb-h1.png": (ZeroBubbleH1(), "ZB-H1"),
     }
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, (schedule, title) in charts.items():
             path = pathlib.Path(tmp) / name
-            plot_schedule(schedule.table(STAGES, MICROBATCHES), path, title=title)
+            table = schedule.table(STAGES, MICROBATCHES)
+            plot_schedule(table.split() if "split" in name else table, path, title=title)
             out[f"{IMAGES}/{name}"] = path.read_bytes()
     return out
 

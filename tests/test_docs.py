@@ -138,6 +138,7 @@ PUBLIC = (
     "eqxpar",
     "eqxpar.cli",
     "eqxpar.collectives",
+    "eqxpar.distributed",
     "eqxpar.nn",
     "eqxpar.pipeline",
     "eqxpar.profile",

@@ -320,3 +320,27 @@ def test_transformer_pipeline_with_dropout_equals_the_dense_model(schedule, chan
     assert abs(float(want_loss) - float(no_dropout)) > 1e-3  # the masks matter
     assert_trees_close(got_loss, want_loss)
     assert_trees_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["none", "full"])
+def test_a_forward_stores_activations_not_weights(policy):
+    # The executor keeps each layer's vjp residuals per slot, except the ones that are
+    # the layer's own weights or depend on them alone (transposes, casts): those are
+    # taken or recomputed from the parameters in B and W.
+    from eqxpar.pipeline._executor import _Layers
+    from models._block import TransformerBlock
+
+    block = TransformerBlock(TRANSFORMER, key=jax.random.key(0))
+    dyn, static = eqx.partition(block, eqx.is_array)
+    fn = ep.nn.remat(lambda w, x, k: ep.nn.apply_layer(eqx.combine(w, static), x, k), policy)
+    x = jnp.ones((3, 8, TRANSFORMER.dim))
+    layers = _Layers(fn, dyn, x, None)
+    weights = jax.tree.leaves(dyn)
+    stored = [tuple(r.shape) for r in layers.stored]
+    assert stored and not {tuple(w.shape) for w in weights} & set(stored)
+    assert layers.which is not None
+    assert any(i >= 0 for i in layers.which) or any(layers.weight_only)
+    if policy == "full":  # a checkpointed layer keeps only its input
+        assert stored == [x.shape]
+    else:
+        assert len(stored) > 3

@@ -34,9 +34,11 @@ from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax._src.interpreters import partial_eval as pe  # dce_jaxpr: what a residual reads
 
 from .._collectives import to_varying
 from .._shard_map import varying_axes
@@ -85,22 +87,38 @@ class _Out(NamedTuple):
 
 
 class _Layers:
-    """One layer's `jax.vjp`, with its residuals split into the layer's own weights
-    (taken from the parameters again when needed) and the rest (stored per slot)."""
+    """One layer's `jax.vjp`, with its residuals split into what depends on the layer's
+    input (its activations: stored per slot) and what depends on its weights alone
+    (the weights themselves, their transposes or casts: taken or recomputed from the
+    parameters in `B` and `W`, never stored per microbatch)."""
 
     def __init__(self, layer_fn: LayerFn, w: Any, x: jax.Array, key: Any):
         self.layer_fn = layer_fn
-        self.treedef, self.which = None, None
-        y, stored = jax.eval_shape(self.forward, w, x, key)
+        self.treedef, self.which, self.rebuild = None, None, None
+        closed = jax.make_jaxpr(self._residuals)(w, x, key)
+        y, residuals = jax.eval_shape(self._residuals, w, x, key)
         if (jnp.shape(y), y.dtype) != (x.shape, x.dtype):
             raise ValueError(
                 f"pipeline_loss: a layer must map activations to the same shape and dtype: "
                 f"its input is {x.dtype}{list(x.shape)}, it returns {y.dtype}{list(y.shape)}."
             )
-        self.stored = stored  # avals of the stored leaves of one layer
+        # Which residuals need the input? Dead-code elimination of the forward's jaxpr
+        # for each residual says which inputs it reads.
+        jaxpr = pe.convert_constvars_jaxpr(closed.jaxpr)
+        n_fixed = len(closed.consts) + len(jax.tree.leaves(w))
+        n_out = 1 + len(residuals)
+        self.weight_only = []
+        for j in range(len(residuals)):
+            _, used = pe.dce_jaxpr(jaxpr, [k == 1 + j for k in range(n_out)])
+            self.weight_only.append(not any(used[n_fixed:]))
+        if any(self.weight_only):
+            rebuild, used = pe.dce_jaxpr(jaxpr, [False, *self.weight_only])
+            self.rebuild = (jax.extend.core.jaxpr_as_fun(jax.extend.core.ClosedJaxpr(rebuild, [])),
+                            closed.consts, used[:n_fixed])  # fmt: skip
+        self.stored = [r for r, fixed in zip(residuals, self.weight_only, strict=True) if not fixed]
 
-    def forward(self, w: Any, x: jax.Array, key: Any) -> tuple[jax.Array, list]:
-        """`(y, stored residual leaves)`."""
+    def _residuals(self, w: Any, x: jax.Array, key: Any) -> tuple[jax.Array, list]:
+        """`(y, the residual leaves that are not the weights themselves)`."""
         y, pull = jax.vjp(lambda w, x: self.layer_fn(w, x, key), w, x)
         leaves, treedef = jax.tree.flatten(pull)
         weights = jax.tree.leaves(w)
@@ -114,9 +132,22 @@ class _Layers:
             )
         return y, [r for r, i in zip(leaves, which, strict=True) if i < 0]
 
+    def forward(self, w: Any, x: jax.Array, key: Any) -> tuple[jax.Array, list]:
+        """`(y, the residuals to store)`."""
+        y, residuals = self._residuals(w, x, key)
+        return y, [r for r, fixed in zip(residuals, self.weight_only, strict=True) if not fixed]
+
     def pullback(self, w: Any, stored: list) -> Callable:
-        weights, rest = jax.tree.leaves(w), iter(stored)
-        leaves = [next(rest) if i < 0 else weights[i] for i in self.which]  # pyright: ignore
+        weights = jax.tree.leaves(w)
+        rebuilt = iter(())
+        if self.rebuild is not None:
+            fn, consts, used = self.rebuild
+            args = [a for a, u in zip([*consts, *weights], used, strict=True) if u]
+            rebuilt = iter(fn(*args))
+        rest = iter(stored)
+        residuals = [next(rebuilt) if fixed else next(rest) for fixed in self.weight_only]
+        it = iter(residuals)
+        leaves = [next(it) if i < 0 else weights[i] for i in self.which]  # pyright: ignore
         return jax.tree.unflatten(self.treedef, leaves)
 
 

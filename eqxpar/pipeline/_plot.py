@@ -14,8 +14,9 @@ def plot_schedule(
 ) -> str | os.PathLike[str]:
     """Draws a tick table as a Gantt chart and saves it as a PNG.
 
-    Rows are stages (stage 0 on top), columns are ticks. Forwards are blue and
-    backwards orange, darker for later microbatches; each box is labelled with its
+    Rows are stages (stage 0 on top), columns are ticks. Forwards are blue,
+    backwards (input gradients, `B`) orange and weight gradients (`W`) green, darker
+    for later microbatches; each box is labelled with its
     microbatch. With interleaving, each virtual chunk has its own hatching (chunk 0
     plain). Idle slots are white. Uses matplotlib's Agg canvas directly,
     so pyplot's global state and backend are left alone.
@@ -41,7 +42,7 @@ def plot_schedule(
         ) from e
 
     p, m, v, n = table.stages, table.microbatches, table.virtual, table.num_ticks
-    cmaps = {"F": colormaps["Blues"], "B": colormaps["Oranges"]}
+    cmaps = {"F": colormaps["Blues"], "B": colormaps["Oranges"], "W": colormaps["Greens"]}
 
     def shade(kind: str, mb: int) -> tuple[float, float, float, float]:
         r, g, b, alpha = cmaps[kind](0.3 + 0.55 * (mb / (m - 1) if m > 1 else 0.5))
@@ -91,8 +92,16 @@ def plot_schedule(
 
     handles = [
         Patch(facecolor=shade("F", m - 1), edgecolor="black", label="forward"),
-        Patch(facecolor=shade("B", m - 1), edgecolor="black", label="backward"),
+        Patch(
+            facecolor=shade("B", m - 1),
+            edgecolor="black",
+            label="input gradient (B)" if table.split_backward else "backward",
+        ),
     ]
+    if table.split_backward:
+        handles.append(
+            Patch(facecolor=shade("W", m - 1), edgecolor="black", label="weight gradient (W)")
+        )
     if v > 1:
         handles += [
             Patch(

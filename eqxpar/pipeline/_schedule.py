@@ -465,7 +465,9 @@ class TickTable:
         n_chunks = p * v
         when = self._when()
         slot_of = _assign_slots(when, p, "W" if self.split_backward else "B")
-        out = {k: np.zeros((ticks, p), np.int32) for k in ("kind", "mb", "virt", "slot")}
+        out: dict[str, np.ndarray] = {
+            k: np.zeros((ticks, p), np.int32) for k in ("kind", "mb", "virt", "slot")
+        }
         out |= {k: np.zeros((ticks, p), bool) for k in ("first_chunk", "last_chunk")}
         out |= {k: np.full((ticks, p), -1, np.int32) for k in ("recv_f", "recv_b")}
         for (kind, mb, g), (t, s) in when.items():
@@ -477,8 +479,8 @@ class TickTable:
             to = _target(Action(kind, mb, g // p), s, p, n_chunks)  # pyright: ignore
             if to is not None and t + 1 < ticks:
                 out["recv_f" if kind == "F" else "recv_b"][t + 1, to % p] = slot_of[(mb, to)]
-        out["permute_f"] = (out["recv_f"] >= 0).any(axis=1)
-        out["permute_b"] = (out["recv_b"] >= 0).any(axis=1)
+        out["permute_f"] = np.asarray((out["recv_f"] >= 0).any(axis=1))
+        out["permute_b"] = np.asarray((out["recv_b"] >= 0).any(axis=1))
         return out
 
     def __str__(self) -> str:
