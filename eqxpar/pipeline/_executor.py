@@ -5,17 +5,18 @@ the schedule with every backward split into `B` (the input gradient) and `W` (th
 weight gradient), so every action costs about one chunk forward and a tick costs what
 the MPMD schedule's step costs (`TickTable.step_time`). At each tick a device looks up
 its own action (forward, `B` or `W` of microbatch `i` on virtual chunk `v`, or nothing)
-and runs it under `lax.switch`.
+and runs it: each kind under its own conditional, which writes in place only the
+buffers that kind changes (`_when`).
 
 - A forward runs the chunk's layers one by one under `jax.vjp` and stores each layer's
   residuals (its activations; not its weights, which stay in the parameters) in the
   microbatch's buffer slot, as Megatron does. On the last chunk it also computes the
   loss and its gradient, which starts the backward.
-- `B` runs the layers' pullbacks in reverse for the input gradient only, sends it to
-  the previous stage, and stores the gradient at each layer's output.
-- `W` runs the pullbacks again for the weight gradients only, from the stored
-  residuals and layer gradients, and frees the slot. (XLA drops the unused half of
-  each pullback.)
+- `B` runs the layers' input-gradient halves of their pullbacks in reverse, sends the
+  result to the previous stage, and keeps in the slot what the weight gradient reuses
+  (e.g. the gradient at each hidden pre-activation: `_Layers.split`).
+- `W` runs the weight-gradient halves from the stored residuals and what `B` kept,
+  without redoing `B`'s matmuls, and frees the slot.
 
 A model that wants less memory checkpoints its layer function (`eqxpar.nn.remat`):
 the residuals are then the layers' inputs, recomputed from in `B` and `W`.
@@ -62,28 +63,44 @@ def _zeros(aval: Any, extra: tuple[str, ...] = (), lead: tuple[int, ...] = ()) -
 
 
 class _Carry(NamedTuple):
-    """What one tick hands the next. Buffers have one slot per microbatch in flight."""
+    """What one tick hands the next. Buffers have one slot per microbatch in flight.
+
+    The gradients of the three parameter groups are separate fields so that each
+    action's conditional carries only what it writes (see `_when`)."""
 
     inputs: jax.Array  # (slots, *act): stage inputs that arrived
     grads_in: jax.Array  # (slots, *act): output gradients of the chunk
     residuals: list  # per residual leaf (slots, layers, *leaf): the layers' activations
-    layer_grads: Any  # (slots, layers, *act): the gradients at each layer's output, or None
+    saved: Any  # per leaf (slots, layers, *leaf): what each layer's `B` keeps for `W`, or None
     send_f: jax.Array  # the activation this device sends forward at the next tick
     send_b: jax.Array  # the input gradient it sends backward at the next tick
-    grads: tuple  # gradients of (first, stage, last) parameters, summed so far
+    grad_first: Any  # gradients of the first, stage and last parameters, summed so far
+    grad_stage: Any
+    grad_last: Any
     loss: jax.Array  # the sum of the last chunk's microbatch losses so far
 
 
-class _Out(NamedTuple):
-    """What an action returns; the tick stores it."""
+def _when(pred: jax.Array, fn: Callable[[_Carry], _Carry], carry: _Carry, writes: tuple) -> _Carry:
+    """`fn(carry)` where `pred` holds, else `carry`, updated in place.
 
-    send_f: jax.Array
-    send_b: jax.Array
-    residuals: list  # this (microbatch, chunk)'s residual leaves (forward)
-    grad_out: jax.Array  # the loss gradient at the last chunk's output (forward)
-    layer_grads: Any  # the gradients at each layer's output (B)
-    grads: tuple
-    loss: jax.Array
+    `writes` names the fields `fn` changes; only those go through the conditional, and
+    its untaken branch (branch 0) forwards them unchanged. XLA's copy insertion elides
+    copies only for that shape of conditional: a field forwarded by the taken branch,
+    or a passthrough in another branch position, costs a copy of the whole buffer on
+    every tick (openxla/xla#46314). Everything else `fn` reads by closure."""
+
+    def taken(values: tuple) -> tuple:
+        new = fn(carry._replace(**dict(zip(writes, values, strict=True))))
+        fields = [f for f in _Carry._fields if f not in writes]
+        changed = [f for f in fields if getattr(new, f) is not getattr(carry, f)]
+        if changed:
+            raise RuntimeError(
+                f"pipeline executor: {fn.__name__} changed {changed}, not in {writes}"
+            )
+        return tuple(getattr(new, f) for f in writes)
+
+    values = lax.cond(pred, taken, lambda values: values, tuple(getattr(carry, f) for f in writes))
+    return carry._replace(**dict(zip(writes, values, strict=True)))
 
 
 class _Layers:
@@ -150,13 +167,66 @@ class _Layers:
         leaves = [next(it) if i < 0 else weights[i] for i in self.which]  # pyright: ignore
         return jax.tree.unflatten(self.treedef, leaves)
 
+    def split(self, w: Any, stored: list, dy: jax.Array) -> None:
+        """Splits the pullback into `B` (the input gradient) and `W` (the weight
+        gradient) so that `W` reuses what `B` computed rather than redoing it.
+
+        Both come from one jaxpr of the pullback, each dead-code eliminated down to
+        its outputs. `W` keeps only its equations that do not depend on `dy`
+        (recomputing from the residuals and weights is cheap and keeps nothing per
+        slot) and those `B` does not run; the values of `B` that depend on `dy` and
+        that `W` still reads (e.g. the gradient at a hidden pre-activation, without
+        which `W` would redo that matmul) become `B`'s extra outputs, `saved`."""
+        closed = jax.make_jaxpr(lambda w, s, dy: self._pull_leaves(w, s, dy))(w, stored, dy)
+        full = pe.convert_constvars_jaxpr(closed.jaxpr)
+        n_dw = len(full.outvars) - 1
+        b, _ = pe.dce_jaxpr(full, [False] * n_dw + [True])
+        wj, _ = pe.dce_jaxpr(full, [True] * n_dw + [False])
+        on_dy = {full.invars[-1]}  # the values that depend on dy (dy is the last input)
+        for eqn in full.eqns:
+            if any(isinstance(v, jax.extend.core.Var) and v in on_dy for v in eqn.invars):
+                on_dy.update(eqn.outvars)
+        in_b = {id(e) for e in b.eqns}
+        kept = [e for e in wj.eqns if id(e) not in in_b or not on_dy.issuperset(e.outvars)]
+        Var = jax.extend.core.Var
+        reads = [
+            v for v in (*(v for e in kept for v in e.invars), *wj.outvars) if isinstance(v, Var)
+        ]
+        made = {v for e in kept for v in e.outvars}
+        saved = [v for v in dict.fromkeys(reads) if v in on_dy and v not in made]
+
+        def fun(invars: list, outvars: list, eqns: list) -> Callable:
+            info = full.debug_info.with_unknown_names()
+            jaxpr = jax.extend.core.Jaxpr([], invars, outvars, eqns, full.effects, info)
+            return jax.extend.core.jaxpr_as_fun(jax.extend.core.ClosedJaxpr(jaxpr, []))
+
+        self.consts = closed.consts
+        self.w_treedef = jax.tree.structure(w)
+        self.b_fn = fun(full.invars, [*b.outvars, *saved], b.eqns)
+        self.w_fn = fun([*full.invars[:-1], *saved], wj.outvars, kept)
+
+    def _pull_leaves(self, w: Any, stored: list, dy: jax.Array) -> list:
+        dw, dx = self.pullback(w, stored)(dy)
+        return [*jax.tree.leaves(dw), dx]
+
+    def input_grad(self, w: Any, stored: list, dy: jax.Array) -> tuple[jax.Array, list]:
+        """`B`: `(dx, saved)`, the gradient at the layer's input and what `W` reuses."""
+        dx, *saved = self.b_fn(*self.consts, *jax.tree.leaves(w), *stored, dy)
+        return dx, saved
+
+    def weight_grad(self, w: Any, stored: list, saved: list) -> Any:
+        """`W`: the gradient of the layer's weights, from the residuals and `saved`."""
+        return jax.tree.unflatten(
+            self.w_treedef, self.w_fn(*self.consts, *jax.tree.leaves(w), *stored, *saved)
+        )
+
 
 class _Ticks:
     """The executor's tick bodies, for one table and one set of (per-shard) arguments.
 
     `tick` runs one row of the table on this device: it stores what arrived from the
-    neighbours, runs this device's action (`idle`, `forward`, `input_grad` or
-    `weight_grad`) under `lax.switch`, and stores what the action produced.
+    neighbours, then runs this device's action (`forward`, `input_grad` or
+    `weight_grad`, or nothing), each under its own `_when`.
     """
 
     def __init__(self, fns: tuple, params: tuple, data: tuple, table: TickTable, axis: str):
@@ -185,6 +255,10 @@ class _Ticks:
         w0 = _take(_take(sp, 0), 0)
         k0 = None if key is None else self.chunk_keys({"mb": 0, "virt": 0})[0]
         self.layers = _Layers(layer_fn, w0, self.zero_act(), k0)
+        _, stored = jax.eval_shape(self.layers.forward, w0, self.zero_act(), k0)
+        stored = [_zeros(r, (axis,)) for r in stored]
+        self.layers.split(w0, stored, self.zero_act())
+        _, self.saved = jax.eval_shape(self.layers.input_grad, w0, stored, self.zero_act())
         y_aval = jax.ShapeDtypeStruct(x_aval.shape, x_aval.dtype)
         l_aval = jax.eval_shape(last_fn, lp, y_aval, _take(self.targets, 0))
         self.loss_axes = tuple(sorted(_axes(l_aval) | {axis}))
@@ -199,30 +273,17 @@ class _Ticks:
     def zero_loss(self) -> jax.Array:
         return to_varying(jnp.zeros((), jnp.float32), self.loss_axes)
 
-    def zero_residuals(self, lead: tuple[int, ...] = ()) -> list:
-        return [_zeros(r, (self.axis,), (*lead, self.depth)) for r in self.layers.stored]
-
-    def zero_layer_grads(self, lead: tuple[int, ...] = ()) -> jax.Array:
-        return jnp.broadcast_to(self.zero_act(), (*lead, self.depth, *self.x_aval.shape))
-
     def initial(self, backward: bool) -> _Carry:
         fp, sp, lp = self.params
         slots = (self.table.num_slots,)
         buffer = jnp.broadcast_to(self.zero_act(), (*slots, *self.x_aval.shape))
-        grads = jax.tree.map(lambda x: _zeros(x), (fp, sp, lp))
-        zero = self.zero_act()
+        gfp, gsp, glp = jax.tree.map(lambda x: _zeros(x), (fp, sp, lp))
+        zero, loss = self.zero_act(), self.zero_loss()
         if not backward:
-            return _Carry(buffer, buffer, [], None, zero, zero, grads, self.zero_loss())
-        return _Carry(
-            buffer,
-            buffer,
-            self.zero_residuals(slots),
-            self.zero_layer_grads(slots),
-            zero,
-            zero,
-            grads,
-            self.zero_loss(),
-        )
+            return _Carry(buffer, buffer, [], None, zero, zero, gfp, gsp, glp, loss)
+        residuals = [_zeros(r, (self.axis,), (*slots, self.depth)) for r in self.layers.stored]
+        saved = [_zeros(r, (self.axis,), (*slots, self.depth)) for r in self.saved]
+        return _Carry(buffer, buffer, residuals, saved, zero, zero, gfp, gsp, glp, loss)
 
     def chunk_keys(self, row: dict) -> Any:
         """This chunk's layer keys for this microbatch: `split(fold_in(key, mb),
@@ -235,25 +296,16 @@ class _Ticks:
         g = row["virt"] * self.table.stages + self.me
         return lax.dynamic_slice_in_dim(keys, g * self.depth, self.depth)
 
-    def nothing(self, carry: _Carry, backward: bool) -> _Out:
-        residuals = self.zero_residuals() if backward else []
-        layer_grads = self.zero_layer_grads() if backward else None
-        zero = self.zero_act()
-        return _Out(zero, zero, residuals, zero, layer_grads, carry.grads, self.zero_loss())
-
-    def idle(self, carry: _Carry, row: dict, backward: bool) -> _Out:
-        return self.nothing(carry, backward)
-
-    def forward(self, carry: _Carry, row: dict, backward: bool) -> _Out:
+    def forward(self, carry: _Carry, row: dict, backward: bool) -> _Carry:
         """The chunk's layers in order, keeping their residuals; on the last chunk the
-        loss (and its gradient)."""
-        first_fn, layer_fn, last_fn = self.fns
-        fp, sp, lp = self.params
-        mb = row["mb"]
+        loss (and its gradient, which starts the backward)."""
+        first_fn, layer_fn, _ = self.fns
+        fp, sp, _ = self.params
+        slot = row["slot"]
         x = lax.cond(
             row["first_chunk"],
-            lambda: self.act(first_fn(fp, _take(self.inputs, mb))),
-            lambda: _read(carry.inputs, row["slot"]),
+            lambda: self.act(first_fn(fp, _take(self.inputs, row["mb"]))),
+            lambda: _read(carry.inputs, slot),
         )
 
         def layer(x: jax.Array, xs: tuple) -> tuple:
@@ -264,74 +316,76 @@ class _Ticks:
             return self.act(y), [to_varying(r, (self.axis,)) for r in stored]
 
         y, residuals = lax.scan(layer, x, (_take(sp, row["virt"]), self.chunk_keys(row)))
-        out = self.nothing(carry, backward)
-        targets = _take(self.targets, mb)
+        carry = carry._replace(send_f=y)
+        if backward:
+            stored = [_write(b, slot, r) for b, r in zip(carry.residuals, residuals, strict=True)]
+            carry = carry._replace(residuals=stored)
 
-        def loss_and_grad() -> tuple:
-            if not backward:
-                return self.loss_of(last_fn(lp, y, targets)), out.grad_out, out.grads[2]
-            loss, (dlp, dy) = jax.value_and_grad(last_fn, argnums=(0, 1))(lp, y, targets)
-            scale = 1.0 / self.m
-            dlp = jax.tree.map(lambda g: (g * scale).astype(g.dtype), dlp)
-            glp = jax.tree.map(lambda a, d: a + d.astype(a.dtype), carry.grads[2], dlp)
-            return self.loss_of(loss), self.act(dy * scale), glp
+        def head(carry: _Carry) -> _Carry:
+            return self.head(carry, y, row, backward)
 
-        def no_loss() -> tuple:
-            return self.zero_loss(), out.grad_out, carry.grads[2]
+        writes = ("grads_in", "grad_last", "loss") if backward else ("loss",)
+        return _when(row["last_chunk"], head, carry, writes)
 
-        loss, grad_out, glp = lax.cond(row["last_chunk"], loss_and_grad, no_loss)
-        grads = (carry.grads[0], carry.grads[1], glp)
-        return out._replace(
-            send_f=y, residuals=residuals or [], grad_out=grad_out, grads=grads, loss=loss
+    def head(self, carry: _Carry, y: jax.Array, row: dict, backward: bool) -> _Carry:
+        """The last chunk's loss of this microbatch; differentiating, also the gradient
+        of the mean loss at `y` (stored for this slot's `B`) and of the last params."""
+        last_fn, lp = self.fns[2], self.params[2]
+        targets = _take(self.targets, row["mb"])
+        if not backward:
+            return carry._replace(loss=carry.loss + self.loss_of(last_fn(lp, y, targets)))
+        loss, (dlp, dy) = jax.value_and_grad(last_fn, argnums=(0, 1))(lp, y, targets)
+        scale = 1.0 / self.m
+        glp = jax.tree.map(lambda a, d: a + (d * scale).astype(a.dtype), carry.grad_last, dlp)
+        grads_in = _write(carry.grads_in, row["slot"], self.act(dy * scale))
+        return carry._replace(
+            grads_in=grads_in, grad_last=glp, loss=carry.loss + self.loss_of(loss)
         )
 
     def loss_of(self, loss: jax.Array) -> jax.Array:
         return to_varying(loss.astype(jnp.float32), self.loss_axes)
 
-    def input_grad(self, carry: _Carry, row: dict, backward: bool) -> _Out:
+    def input_grad(self, carry: _Carry, row: dict) -> _Carry:
         """`B`: the layers' pullbacks in reverse, for the input gradient only (sent to the
         previous chunk); stores the gradient at each layer's output for `W`. On chunk 0,
         also the input layers' gradient."""
         first_fn = self.fns[0]
-        fp, sp, lp = self.params
+        fp, sp, _ = self.params
         slot = row["slot"]
         stored = [_read(r, slot) for r in carry.residuals]
 
         def layer(dy: jax.Array, xs: tuple) -> tuple:
             w, res = xs
-            _, dx = self.layers.pullback(w, res)(dy)
-            return self.act(dx), dy
+            dx, saved = self.layers.input_grad(w, res, dy)
+            return self.act(dx), saved
 
         dy = _read(carry.grads_in, slot)
-        dx, layer_grads = lax.scan(layer, dy, (_take(sp, row["virt"]), stored), reverse=True)
+        dx, saved = lax.scan(layer, dy, (_take(sp, row["virt"]), stored), reverse=True)
+        saved = [_write(b, slot, new) for b, new in zip(carry.saved, saved, strict=True)]
+        carry = carry._replace(send_b=dx, saved=saved)
 
-        def first_grad() -> Any:
+        def first_grad(carry: _Carry) -> _Carry:
             _, pull = jax.vjp(lambda f: self.act(first_fn(f, _take(self.inputs, row["mb"]))), fp)
             (dfp,) = pull(dx)
-            return jax.tree.map(lambda a, d: a + d.astype(a.dtype), carry.grads[0], dfp)
+            gfp = jax.tree.map(lambda a, d: a + d.astype(a.dtype), carry.grad_first, dfp)
+            return carry._replace(grad_first=gfp)
 
-        gfp = lax.cond(row["first_chunk"], first_grad, lambda: carry.grads[0])
-        out = self.nothing(carry, backward)
-        grads = (gfp, carry.grads[1], carry.grads[2])
-        return out._replace(send_b=dx, layer_grads=layer_grads, grads=grads)
+        return _when(row["first_chunk"], first_grad, carry, ("grad_first",))
 
-    def weight_grad(self, carry: _Carry, row: dict, backward: bool) -> _Out:
+    def weight_grad(self, carry: _Carry, row: dict) -> _Carry:
         """`W`: the layers' pullbacks again, for their weight gradients only."""
         sp = self.params[1]
         slot, virt = row["slot"], row["virt"]
         stored = [_read(r, slot) for r in carry.residuals]
-        dys = _read(carry.layer_grads, slot)
+        saved = [_read(b, slot) for b in carry.saved]
 
         def layer(_: None, xs: tuple) -> tuple:
-            w, res, dy = xs
-            dw, _ = self.layers.pullback(w, res)(dy)
-            return None, dw
+            w, res, sv = xs
+            return None, self.layers.weight_grad(w, res, sv)
 
-        _, dws = lax.scan(layer, None, (_take(sp, virt), stored, dys))
-        gsp = jax.tree.map(
-            lambda acc, d: acc.at[virt].add(d.astype(acc.dtype)), carry.grads[1], dws
-        )
-        return self.nothing(carry, backward)._replace(grads=(carry.grads[0], gsp, carry.grads[2]))
+        _, dws = lax.scan(layer, None, (_take(sp, virt), stored, saved))
+        gsp = jax.tree.map(lambda a, d: a.at[virt].add(d.astype(a.dtype)), carry.grad_stage, dws)
+        return carry._replace(grad_stage=gsp)
 
     def permute(self, flag: jax.Array, value: jax.Array, step: int) -> jax.Array:
         """`value` from the neighbour `step` stages back, on the ticks that `flag` says
@@ -345,35 +399,31 @@ class _Ticks:
         )
 
     def tick(self, carry: _Carry, t: jax.Array, backward: bool) -> _Carry:
+        """Stores what arrived from the neighbours, then runs this device's action, each
+        kind under its own `_when` (at most one of them is taken)."""
         row = {k: a[t, self.me] for k, a in self.program.items() if a.ndim == 2}
-        inputs = _store(
-            carry.inputs,
-            row["recv_f"],
-            self.permute(self.program["permute_f"][t], carry.send_f, +1),
-        )
-        grads_in = carry.grads_in
-        if backward:
-            arrived = self.permute(self.program["permute_b"][t], carry.send_b, -1)
-            grads_in = _store(grads_in, row["recv_b"], arrived)
-        carry = carry._replace(inputs=inputs, grads_in=grads_in)
-        actions = [self.idle, self.forward]
-        actions += [self.input_grad, self.weight_grad] if backward else [self.idle, self.idle]
-        out = lax.switch(
-            row["kind"], [functools.partial(a, carry, row, backward=backward) for a in actions]
-        )
-        kind, slot = row["kind"], row["slot"]
-        if backward:
-            forward, last = kind == 1, row["last_chunk"]
-            residuals = [
-                _store(buf, jnp.where(forward, slot, -1), new)
-                for buf, new in zip(carry.residuals, out.residuals, strict=True)
-            ]
-            grads_in = _store(grads_in, jnp.where(forward & last, slot, -1), out.grad_out)
-            layer_grads = _store(carry.layer_grads, jnp.where(kind == 2, slot, -1), out.layer_grads)
-            carry = carry._replace(residuals=residuals, grads_in=grads_in, layer_grads=layer_grads)
-        return carry._replace(
-            send_f=out.send_f, send_b=out.send_b, grads=out.grads, loss=carry.loss + out.loss
-        )
+        arrived = self.permute(self.program["permute_f"][t], carry.send_f, +1)
+        carry = carry._replace(inputs=_store(carry.inputs, row["recv_f"], arrived))
+        kind = row["kind"]
+
+        def forward(carry: _Carry) -> _Carry:
+            return self.forward(carry, row, backward)
+
+        if not backward:
+            return _when(kind == 1, forward, carry, ("send_f", "loss"))
+        arrived = self.permute(self.program["permute_b"][t], carry.send_b, -1)
+        carry = carry._replace(grads_in=_store(carry.grads_in, row["recv_b"], arrived))
+
+        def input_grad(carry: _Carry) -> _Carry:
+            return self.input_grad(carry, row)
+
+        def weight_grad(carry: _Carry) -> _Carry:
+            return self.weight_grad(carry, row)
+
+        writes = ("send_f", "residuals", "grads_in", "grad_last", "loss")
+        carry = _when(kind == 1, forward, carry, writes)
+        carry = _when(kind == 2, input_grad, carry, ("send_b", "saved", "grad_first"))
+        return _when(kind == 3, weight_grad, carry, ("grad_stage",))
 
 
 def _take(tree: Any, i: Any) -> Any:
@@ -382,6 +432,12 @@ def _take(tree: Any, i: Any) -> Any:
 
 def _read(buffer: jax.Array, slot: Any) -> jax.Array:
     return lax.dynamic_index_in_dim(buffer, slot, keepdims=False)
+
+
+def _write(buffer: jax.Array, slot: Any, value: jax.Array) -> jax.Array:
+    """`buffer[slot] = value`."""
+    value = to_varying(value.astype(buffer.dtype), tuple(varying_axes(buffer)))
+    return lax.dynamic_update_index_in_dim(buffer, value, slot, 0)
 
 
 def _store(buffer: jax.Array, slot: Any, value: jax.Array) -> jax.Array:
@@ -410,7 +466,7 @@ def _execute(
         jnp.arange(table.num_ticks),
     )
     loss = lax.psum(final.loss, axis) / table.microbatches
-    gfp, gsp, glp = final.grads
+    gfp, gsp, glp = final.grad_first, final.grad_stage, final.grad_last
     gfp = jax.tree.map(lambda g: lax.psum(g, axis), gfp)
     glp = jax.tree.map(lambda g: lax.psum(g, axis), glp)
     gsp = jax.tree.map(lambda g: g[:, None], gsp)
