@@ -1,5 +1,19 @@
-"""Inspecting compiled programs: collective counts and array shapes from HLO."""
+"""Inspecting compiled programs and planning layouts: collective counts from HLO,
+communication and memory reports beside the analytic model, and the planner."""
 
+from ._cost import Hardware as Hardware
+from ._cost import Layout as Layout
+from ._cost import MemoryEstimate as MemoryEstimate
+from ._cost import communication_theory as communication_theory
+from ._cost import estimate_memory as estimate_memory
+from ._cost import step_times as step_times
+from ._cost import train_flops as train_flops
 from ._hlo import CollectiveReport as CollectiveReport
 from ._hlo import array_shapes as array_shapes
 from ._hlo import count_collectives as count_collectives
+from ._report import CommRow as CommRow
+from ._report import CommunicationReport as CommunicationReport
+from ._report import StepMemoryReport as StepMemoryReport
+from ._report import communication_report as communication_report
+from ._report import layout_of as layout_of
+from ._report import step_memory_report as step_memory_report

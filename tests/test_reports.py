@@ -1,0 +1,118 @@
+"""Communication and memory reports: a compiled Transformer step beside the theory."""
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from helpers import mesh_of
+
+from eqxpar.pipeline import OneFOneB
+from eqxpar.profile import communication_report, step_memory_report
+from eqxpar.train import Strategy, init_state, make_train_step
+from models import Transformer, TransformerConfig
+
+# Pairwise-distinct sizes: vocab, dim, hidden, seq, per-shard batches.
+CONFIG = TransformerConfig(
+    vocab_size=56, dim=40, num_layers=4, num_heads=4, mlp_dim=72, max_seq_len=16
+)
+SEQ = 12
+OPTIMIZER = optax.adam(1e-3)
+CASES = {  # name: (config changes, mesh, strategy, global batch, microbatches)
+    "tp": ({}, dict(data=2, tensor=4), "dp", 10, 1),
+    "tp+sp": (dict(sequence_parallel=True), dict(data=2, tensor=4), "dp", 10, 1),
+    "dp": ({}, dict(data=8), "dp", 24, 1),
+    "fsdp": ({}, dict(data=8), "fsdp", 24, 1),
+    "1f1b": (dict(pipeline_stages=4), dict(data=2, pipeline=4), "dp", 16, 4),
+}
+
+
+def _compile(name):
+    changes, sizes, kind, batch, m = CASES[name]
+    config = CONFIG.replace(**changes)
+    mesh = mesh_of(**sizes)
+    strategy = Strategy(kind)
+    with jax.numpy_dtype_promotion("standard"):
+        state = init_state(
+            Transformer,
+            config,
+            key=jax.random.key(0),
+            optimizer=OPTIMIZER,
+            mesh=mesh,
+            strategy=strategy,
+        )
+
+    def loss_fn(model, x, y, key):
+        if m > 1:
+            return model.loss(x, y, schedule=OneFOneB(), microbatches=m)
+        return model.loss(x, y)
+
+    step = make_train_step(loss_fn, OPTIMIZER, mesh=mesh, strategy=strategy)
+    x = jnp.zeros((batch, SEQ), jnp.int32)
+    # Optax's Adam mixes Python floats with its int32 step count, which the suite's
+    # strict promotion refuses.
+    with jax.numpy_dtype_promotion("standard"):
+        compiled = step.lower(state, x, x).compile()
+    kw = dict(strategy=strategy, microbatches=m)
+    return (
+        communication_report(compiled, mesh, config, batch=batch, seq=SEQ, **kw),
+        step_memory_report(compiled, mesh, config, batch=batch, seq=SEQ, **kw),
+    )
+
+
+@pytest.fixture(scope="module")
+def reports():
+    """Each case compiled once for the whole module."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = _compile(name)
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize(
+    "name,axis",
+    [("tp", "tensor"), ("tp", "data"), ("tp+sp", "tensor"), ("fsdp", "data"), ("1f1b", "data")],
+)
+def test_communication_matches_the_theory(reports, name, axis):
+    comm, _ = reports(name)
+    assert comm.axis_ratio(axis) == pytest.approx(1.0, abs=0.02), comm.table()
+    for row in comm.rows:  # every kind the theory names, one by one
+        if row.axes == (axis,) and row.theory and row.theory > 1024:
+            assert row.ratio == pytest.approx(1.0, abs=0.02), comm.table()
+
+
+def test_tensor_parallel_counts_megatrons_four_all_reduces_per_layer(reports):
+    comm, _ = reports("tp")
+    act = 5 * SEQ * CONFIG.dim * 4  # one (b, s, h) float32 activation per data shard
+    row = next(r for r in comm.rows if r.kind == "all-reduce" and r.axes == ("tensor",))
+    assert row.theory == 18 * act + 3 * 5 * SEQ * 4  # 4 per layer, embedding, head, loss
+    assert "tensor    all-reduce" in comm.table()
+
+
+def test_pipeline_sends_above_the_minimum_by_the_executors_ticks(reports):
+    # The tick-synchronous executor issues one permute each way per tick, under a
+    # conditional the counter cannot evaluate: it counts every tick of the split
+    # table, against the minimum of m sends each way per stage.
+    comm, _ = reports("1f1b")
+    ticks = OneFOneB().table(4, 4).split().num_ticks
+    row = next(r for r in comm.rows if r.kind == "collective-permute")
+    assert row.count == 2 * ticks
+    assert row.ratio == pytest.approx(ticks / 4)
+    assert comm.ratio("all-reduce", "pipeline") == pytest.approx(1.0, abs=0.02)
+
+
+@pytest.mark.parametrize("name", ["dp", "fsdp", "tp+sp", "1f1b", "tp"])
+def test_memory_estimate_within_15_percent(reports, name):
+    _, memory = reports(name)
+    assert memory.ratio == pytest.approx(1.0, abs=0.15), memory.table()
+    # The model states are exact: arguments are the parameters, Adam's moments, batch.
+    assert memory.arguments == pytest.approx(memory.estimate.arguments, rel=0.01)
+
+
+def test_layout_must_match_the_mesh():
+    mesh = mesh_of(data=2, pipeline=4)
+    with pytest.raises(ValueError, match="pipeline_stages=1 .* pipeline axis is 4"):
+        communication_report("", mesh, CONFIG, batch=8, seq=SEQ)
