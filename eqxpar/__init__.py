@@ -1,5 +1,8 @@
 """eqxpar: Megatron-style parallel building blocks for JAX + Equinox."""
 
+import sys
+import types
+
 from . import collectives as collectives
 from . import distributed as distributed
 from . import nn as nn
@@ -27,3 +30,19 @@ from ._typecheck import set_typecheck as set_typecheck
 from ._typecheck import typecheck_enabled as typecheck_enabled
 
 __version__ = "0.1.0"
+
+from .profile._planner import plan as plan  # noqa: E402
+
+
+class _Package(types.ModuleType):
+    """`eqxpar`'s module type: keeps `eqxpar.plan` the function when `eqxpar.plan`
+    the CLI module (`python -m eqxpar.plan`) is imported, which would otherwise bind
+    the submodule over it."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "plan" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -11,6 +11,9 @@ from ._cost import train_flops as train_flops
 from ._hlo import CollectiveReport as CollectiveReport
 from ._hlo import array_shapes as array_shapes
 from ._hlo import count_collectives as count_collectives
+from ._planner import Candidate as Candidate
+from ._planner import Plan as Plan
+from ._planner import plan as plan
 from ._report import CommRow as CommRow
 from ._report import CommunicationReport as CommunicationReport
 from ._report import StepMemoryReport as StepMemoryReport
