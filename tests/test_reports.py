@@ -116,3 +116,25 @@ def test_layout_must_match_the_mesh():
     mesh = mesh_of(data=2, pipeline=4)
     with pytest.raises(ValueError, match="pipeline_stages=1 .* pipeline axis is 4"):
         communication_report("", mesh, CONFIG, batch=8, seq=SEQ)
+
+
+def test_partition_table_and_pictures(tmp_path):
+    import equinox as eqx
+
+    from eqxpar.profile import mesh_table, partition_table, plot_mesh, plot_partition
+
+    mesh = mesh_of(data=2, tensor=4)
+    model = eqx.filter_eval_shape(Transformer, CONFIG, key=jax.random.key(0))
+    table = partition_table(model, mesh)
+    assert "layers.mlp.up.weight  (4, 72, 40)  P(None, 'tensor')  block (4, 18, 40)" in table
+    assert "    [:, 18:36, :] on 1 5" in table  # tensor index 1 of both data rows
+    assert "norm.weight  (40,)  P()  block (40,)\n    whole on every device" in table
+    grid = mesh_table(mesh).splitlines()
+    assert grid[0] == "pipeline=1 x data=2 x expert=1 x context=1 x tensor=4"
+    assert grid[3].split() == ["data=1", "4", "(h0)", "5", "(h0)", "6", "(h0)", "7", "(h0)"]
+    for draw in (lambda p: plot_mesh(mesh, p), lambda p: plot_partition(model, mesh, p)):
+        path = tmp_path / "map.png"
+        draw(path)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no weight 'mlp.up'; weights: "):
+        plot_partition(model, mesh, tmp_path / "x.png", names=["mlp.up"])

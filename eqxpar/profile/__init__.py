@@ -11,6 +11,10 @@ from ._cost import train_flops as train_flops
 from ._hlo import CollectiveReport as CollectiveReport
 from ._hlo import array_shapes as array_shapes
 from ._hlo import count_collectives as count_collectives
+from ._maps import mesh_table as mesh_table
+from ._maps import partition_table as partition_table
+from ._maps import plot_mesh as plot_mesh
+from ._maps import plot_partition as plot_partition
 from ._planner import Candidate as Candidate
 from ._planner import Plan as Plan
 from ._planner import plan as plan
