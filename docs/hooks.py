@@ -1,4 +1,5 @@
-"""MkDocs hook: draws the pipeline schedules' Gantt charts into the docs build.
+"""MkDocs hook: draws the pipeline schedules' Gantt charts and the partition maps of
+`docs/seeing.md` into the docs build.
 
 `docs/pipeline.md` shows the tick tables of `GPipe()`, `OneFOneB()` and
 `Interleaved1F1B(2)` at `p = 4` stages and `m = 8` microbatches. The PNGs are not
@@ -40,7 +41,33 @@ def _render() -> dict[str, bytes]:
             table = schedule.table(STAGES, MICROBATCHES)
             plot_schedule(table.split() if "split" in name else table, path, title=title)
             out[f"{IMAGES}/{name}"] = path.read_bytes()
+        out.update(_maps(pathlib.Path(tmp)))
     return out
+
+
+def _maps(tmp: pathlib.Path) -> dict[str, bytes]:
+    """`docs/seeing.md`'s pictures: the `data=2, tensor=4` mesh and the blocks of four
+    weights of its small Transformer on it (8 simulated CPU devices)."""
+    import equinox as eqx
+    import jax
+
+    import eqxpar as ep
+    from eqxpar.profile import plot_mesh, plot_partition
+    from models import Transformer, TransformerConfig
+
+    ep.simulate_cpu_devices(8)
+    mesh = ep.make_mesh(data=2, tensor=4)
+    config = TransformerConfig(
+        vocab_size=56, dim=40, num_layers=4, num_heads=4, mlp_dim=72, max_seq_len=16
+    )
+    model = eqx.filter_eval_shape(Transformer, config, key=jax.random.key(0))
+    names = ["embed.weight", "layers.attn.qkv.weight", "layers.attn.out.weight"]
+    names.append("layers.mlp.up.weight")
+    plot_mesh(mesh, tmp / "seeing-mesh.png")
+    plot_partition(model, mesh, tmp / "seeing-partition.png", names=names)
+    return {
+        f"{IMAGES}/{n}": (tmp / n).read_bytes() for n in ("seeing-mesh.png", "seeing-partition.png")
+    }
 
 
 def on_files(files: Files, config: MkDocsConfig) -> Files:

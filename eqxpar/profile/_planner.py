@@ -100,6 +100,18 @@ def _row(rank: str, c: Candidate) -> str:
     )
 
 
+def _mesh(c: Candidate) -> tuple[int, int, int]:
+    return c.layout.data, c.layout.tensor, c.layout.pipeline
+
+
+def _per_mesh(candidates: Any) -> dict[tuple[int, int, int], Candidate]:
+    """The first candidate of each mesh shape, in order."""
+    out: dict[tuple[int, int, int], Candidate] = {}
+    for c in candidates:
+        out.setdefault(_mesh(c), c)
+    return out
+
+
 def _why(best: Candidate, others: list[Candidate]) -> list[str]:
     """One line per runner-up: the parts of the step time where the winner gains."""
     lines = []
@@ -151,8 +163,9 @@ class Plan:
         return ""
 
     def table(self, top: int = 5) -> str:
-        """The `top` layouts with their times (ms) and memory (GB), why the first won,
-        and the fewest-GB rejected layout of each mesh shape."""
+        """The fastest layout of each of the `top` fastest meshes, with times (ms) and
+        memory (GB); why the first won (against those and against its own mesh's
+        other strategies); the fewest-GB rejected layout of each mesh."""
         hw = self.hardware
         lines = [
             f"{self.devices} devices ({hw.devices_per_host} per host), "
@@ -161,15 +174,19 @@ class Plan:
             f"{'#':>3} {'layout':<40}{'step ms':>9}{'compute':>9}{'bubble':>8}{'tensor':>8}"
             f"{'pipe':>7}{'data':>7}{'GB':>7}",
         ]
-        lines += [_row(str(i + 1), c) for i, c in enumerate(self.ranked[:top])]
-        if self.ranked:
-            lines.append(f"why {self.ranked[0].layout}:")
-            lines += _why(self.ranked[0], list(self.ranked[1:top]))
-        shown: dict[tuple, Candidate] = {}
-        for c in sorted(self.rejected, key=lambda c: c.memory.peak):
-            shown.setdefault((c.layout.data, c.layout.tensor, c.layout.pipeline), c)
+        rows = list(_per_mesh(self.ranked).values())[:top]
+        lines += [_row(str(i + 1), c) for i, c in enumerate(rows)]
+        if rows:
+            best = rows[0]
+            same = [c for c in self.ranked[1:] if _mesh(c) == _mesh(best)]
+            kinds: dict[str, Candidate] = {}
+            for c in same:
+                kinds.setdefault(c.layout.strategy, c)
+            lines.append(f"why {best.layout}:")
+            lines += _why(best, rows[1:] + list(kinds.values())[:3])
+        shown = _per_mesh(sorted(self.rejected, key=lambda c: c.memory.peak))
         if shown:
-            lines.append("rejected (the smallest of each mesh shape):")
+            lines.append("rejected (the smallest of each mesh):")
             lines += [f"  {c.layout}: {c.reason}" for c in list(shown.values())[:top]]
         return "\n".join(lines)
 
