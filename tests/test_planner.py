@@ -113,3 +113,23 @@ def test_bad_arguments():
         _ = plan(SEVEN_B, devices=8, memory_per_device="1GB", batch=64, seq=4096).best
     with pytest.raises(ValueError, match="sequence_parallel=True, tensor=1"):
         Layout(sequence_parallel=True)
+
+
+def test_check_layout_compiles_the_plans_choice_abstractly():
+    from eqxpar.profile import check_layout
+    from models import Transformer
+
+    small = TransformerConfig(
+        vocab_size=56, dim=40, num_layers=4, num_heads=4, mlp_dim=72, max_seq_len=16
+    )
+    best = plan(small, devices=8, memory_per_device=2**20, batch=16, seq=12).best
+    comm, memory = check_layout(Transformer, small, best.layout, batch=16, seq=12)
+    assert memory.layout == best.layout and comm.layout == best.layout
+    # The model states are exact; the estimate does not under-count the total.
+    assert memory.arguments == pytest.approx(memory.estimate.arguments, rel=0.01)
+    assert memory.total <= 1.15 * memory.estimate_total
+    # It fits by the compiler too (state donated: arguments and temporaries).
+    assert memory.arguments + memory.temporaries <= 2**20
+    assert comm.axis_ratio("data") == pytest.approx(1.0, abs=0.02)
+    with pytest.raises(ValueError, match="needs 16 devices, 8 are available"):
+        check_layout(Transformer, small, Layout(data=16), batch=16, seq=12)

@@ -1,6 +1,8 @@
 """Inspecting compiled programs and planning layouts: collective counts from HLO,
 communication and memory reports beside the analytic model, and the planner."""
 
+from ._check import abstract_state as abstract_state
+from ._check import check_layout as check_layout
 from ._cost import Hardware as Hardware
 from ._cost import Layout as Layout
 from ._cost import MemoryEstimate as MemoryEstimate

@@ -319,7 +319,10 @@ def communication_theory(config: Any, layout: Layout, *, batch: int, seq: int) -
         out |= _data_comm(config, layout, p, pb)
     if layout.pipeline > 1:
         out[("collective-permute", "pipeline")] = 2 * act
-        out[("all-reduce", "pipeline")] = (p.outer_split + p.outer_whole) * pb
+        outer = p.outer_split + p.outer_whole  # FSDP sums the data-split blocks only
+        if layout.strategy == "fsdp" and layout.data > 1:
+            outer -= (p.data_split - p.layers_data_split) * (1 - 1 / layout.data)
+        out[("all-reduce", "pipeline")] = outer * pb
     return out
 
 

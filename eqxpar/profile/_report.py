@@ -73,7 +73,9 @@ class CommunicationReport:
     """A compiled step's collectives beside the analytic minimum (`communication_theory`),
     per collective kind and mesh axis. Bytes are `count_collectives`' measure: each
     op's per-device result bytes, summed over its executions (loops by trip count;
-    both branches of a conditional, so a pipeline's permutes are an upper bound).
+    both branches of a conditional). The pipeline executor runs each tick's actions and
+    permutes under conditionals, so with a pipeline every collective inside the tick
+    loop is counted on every tick: an upper bound, above the theory.
 
     **Fields:** `layout`, `rows` (`CommRow`s, sorted by axis then kind).
     """
