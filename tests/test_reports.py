@@ -22,6 +22,7 @@ CASES = {  # name: (config changes, mesh, strategy, global batch, microbatches)
     "tp+sp": (dict(sequence_parallel=True), dict(data=2, tensor=4), "dp", 10, 1),
     "dp": ({}, dict(data=8), "dp", 24, 1),
     "fsdp": ({}, dict(data=8), "fsdp", 24, 1),
+    "fsdp+accumulate": ({}, dict(data=8), "fsdp", 48, 3),
     "1f1b": (dict(pipeline_stages=4), dict(data=2, pipeline=4), "dp", 16, 4),
 }
 
@@ -42,11 +43,14 @@ def _compile(name):
         )
 
     def loss_fn(model, x, y, key):
-        if m > 1:
+        if "pipeline" in sizes:
             return model.loss(x, y, schedule=OneFOneB(), microbatches=m)
         return model.loss(x, y)
 
-    step = make_train_step(loss_fn, OPTIMIZER, mesh=mesh, strategy=strategy)
+    accumulate = m if "pipeline" not in sizes else 1
+    step = make_train_step(
+        loss_fn, OPTIMIZER, mesh=mesh, strategy=strategy, accumulation_steps=accumulate
+    )
     x = jnp.zeros((batch, SEQ), jnp.int32)
     # Optax's Adam mixes Python floats with its int32 step count, which the suite's
     # strict promotion refuses.
@@ -74,7 +78,14 @@ def reports():
 
 @pytest.mark.parametrize(
     "name,axis",
-    [("tp", "tensor"), ("tp", "data"), ("tp+sp", "tensor"), ("fsdp", "data"), ("1f1b", "data")],
+    [
+        ("tp", "tensor"),
+        ("tp", "data"),
+        ("tp+sp", "tensor"),
+        ("fsdp", "data"),
+        ("fsdp+accumulate", "data"),
+        ("1f1b", "data"),
+    ],
 )
 def test_communication_matches_the_theory(reports, name, axis):
     comm, _ = reports(name)
@@ -104,7 +115,7 @@ def test_pipeline_sends_above_the_minimum_by_the_executors_ticks(reports):
     assert comm.ratio("all-reduce", "pipeline") == pytest.approx(1.0, abs=0.02)
 
 
-@pytest.mark.parametrize("name", ["dp", "fsdp", "tp+sp", "1f1b", "tp"])
+@pytest.mark.parametrize("name", ["dp", "fsdp", "tp+sp", "1f1b", "tp", "fsdp+accumulate"])
 def test_memory_estimate_within_15_percent(reports, name):
     _, memory = reports(name)
     assert memory.ratio == pytest.approx(1.0, abs=0.15), memory.table()

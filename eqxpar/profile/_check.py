@@ -94,7 +94,10 @@ def check_layout(
 
     with jax.numpy_dtype_promotion("standard"):  # optax mixes ints and floats
         state = abstract_state(make, config, optimizer=optimizer, mesh=mesh, strategy=strategy)
-        step = make_train_step(loss_fn, optimizer, mesh=mesh, strategy=strategy)
+        accumulate = layout.microbatches if layout.pipeline == 1 else 1
+        step = make_train_step(
+            loss_fn, optimizer, mesh=mesh, strategy=strategy, accumulation_steps=accumulate
+        )
         x = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
         # `eqx.filter_jit` would take ShapeDtypeStructs for static leaves: trace the
         # step inside a `jax.jit` that sees them as abstract arguments.

@@ -32,7 +32,8 @@ class Layout:
     - `data`, `tensor`, `pipeline`: the mesh axis sizes.
     - `strategy`: `"dp"`, `"zero1"`, `"zero2"` or `"fsdp"` over the data axis.
     - `sequence_parallel`: Megatron's SP (needs `tensor > 1`).
-    - `microbatches`: pipeline microbatches `m` (1 without a pipeline).
+    - `microbatches`: pipeline microbatches `m`; without a pipeline, gradient
+      accumulation steps (`make_train_step(accumulation_steps=...)`).
     - `schedule`: `"1f1b"` or `"gpipe"` (with a pipeline).
     - `remat`: `"none"`, `"selective"` or `"full"` activation checkpointing.
     - `min_shard_size`: arrays with fewer elements stay whole under ZeRO/FSDP (as
@@ -55,7 +56,7 @@ class Layout:
                 "Layout(sequence_parallel=True, tensor=1): sequence parallelism splits the "
                 "sequence over the tensor axis; use tensor > 1 or sequence_parallel=False."
             )
-        if self.pipeline > 1 and self.microbatches < 1:
+        if self.microbatches < 1:
             raise ValueError(f"Layout.microbatches={self.microbatches}; use >= 1.")
 
     @property
@@ -84,6 +85,8 @@ class Layout:
             parts.append("sp")
         if self.pipeline > 1:
             parts.append(f"{self.schedule} m{self.microbatches}")
+        elif self.microbatches > 1:
+            parts.append(f"accumulate {self.microbatches}")
         if self.remat != "none":
             parts.append(f"remat={self.remat}")
         return " ".join(parts)
@@ -145,22 +148,24 @@ def _activation(config: Any, layout: Layout, batch: int, seq: int) -> tuple[floa
     each norm's input and normalised input (split over the tensor axis with SP), the two
     matmul inputs the norms feed (whole: with SP it is the all-gathered block that is
     stored), q, k, v, the projection's input, the MLP's hidden activations and the
-    attention scores and probabilities (split over heads). `remat="selective"` drops the
-    scores; `"full"` keeps the layer's input only.
+    attention scores and probabilities (split over heads). `remat="selective"` keeps
+    the layer's input and the matmul and collective outputs (q, k, v, the attention
+    and MLP outputs, the MLP's up projection); `"full"` the layer's input only.
     """
     c, t = config, layout.tensor
     b = batch / layout.data / layout.microbatches
     sbh = b * seq * c.dim
     sp = t if layout.sequence_parallel else 1
-    whole = 4 * sbh / sp + 2 * sbh
-    mlp = (3 if c.activation == "swiglu" else 2) * c.hidden / c.dim
-    split = sbh * (2 + 2 * c.kv_heads / c.num_heads + mlp) / t
-    scores = 2 * c.num_heads * seq * seq * b / t
-    if layout.remat == "selective":
-        scores = 0.0
-    layer = whole + split + scores
+    qkv = 1 + 2 * c.kv_heads / c.num_heads
     if layout.remat == "full":
         layer = sbh / sp
+    elif layout.remat == "selective":
+        up = (2 if c.activation == "swiglu" else 1) * c.hidden / c.dim
+        layer = sbh * (3 / sp + (qkv + up) / t)
+    else:
+        mlp = (3 if c.activation == "swiglu" else 2) * c.hidden / c.dim
+        scores = 2 * c.num_heads * seq * seq * b / t
+        layer = sbh * (4 / sp + 2 + (1 + qkv + mlp) / t) + scores
     head = 2 * b * seq * c.vocab_size / t + sbh
     return layer, head
 
@@ -267,7 +272,8 @@ def _tensor_comm(config: Any, layout: Layout, act: float, pb: int, bs: float) ->
     loss = 3 * bs * 4
     if not layout.sequence_parallel:
         return {("all-reduce", "tensor"): (per_layer * layers + 2) * act + loss}
-    norms = (2 * layers + 1) * config.dim * pb  # SP: the norm weights' gradients
+    # SP: the norm weights' gradients, summed for each microbatch.
+    norms = (2 * layers + 1) * config.dim * pb * layout.microbatches
     return {
         ("all-gather", "tensor"): (per_layer * layers + 2) * act,
         ("reduce-scatter", "tensor"): (per_layer * layers + 2) * act / layout.tensor,
@@ -285,11 +291,19 @@ def _data_comm(config: Any, layout: Layout, p: Params, pb: int) -> dict:
         return {("all-reduce", "data"): p.total * pb, ("all-gather", "data"): split}
     # FSDP gathers the layers' weights forward and again backward (the scan frees them);
     # the embedding and head stay gathered between the two.
-    gathers = split + p.layers_data_split * pb if kind == "fsdp" else split
+    if kind == "zero2":
+        return {
+            ("all-reduce", "data"): whole,
+            ("reduce-scatter", "data"): split / n,
+            ("all-gather", "data"): split,
+        }
+    # FSDP, for every microbatch: the layers gathered forward and backward, the
+    # gradients reduce-scattered; the embedding and head are gathered once per step.
+    m, layers = layout.microbatches, p.layers_data_split * pb
     return {
         ("all-reduce", "data"): whole,
-        ("reduce-scatter", "data"): split / n,
-        ("all-gather", "data"): gathers,
+        ("reduce-scatter", "data"): m * split / n,
+        ("all-gather", "data"): split - layers + 2 * m * layers,
     }
 
 

@@ -59,8 +59,8 @@ def layouts(
         kinds = ("dp", "zero1", "zero2", "fsdp") if d > 1 else ("dp",)
         sps = (False, True) if t > 1 and seq % t == 0 else (False,)
         shard = batch // d
-        if p == 1:
-            pipes = [(1, "1f1b")]
+        if p == 1:  # gradient accumulation
+            pipes = [(m, "1f1b") for m in _divisors(shard) if full or m & (m - 1) == 0]
         else:
             ms = _divisors(shard) if full else [m for m in _divisors(shard) if m % p == 0]
             pipes = list(itertools.product(ms, ("1f1b", "gpipe") if full else ("1f1b",)))
@@ -94,7 +94,7 @@ def evaluate(config: Any, layout: Layout, hw: Hardware, *, batch: int, seq: int)
 def _row(rank: str, c: Candidate) -> str:
     ms = {k: 1e3 * v for k, v in c.times.items()}
     return (
-        f"{rank:>3} {str(c.layout):<40}{ms['total']:>9.1f}{ms['compute']:>9.1f}"
+        f"{rank:>3} {str(c.layout):<46}{ms['total']:>9.1f}{ms['compute']:>9.1f}"
         f"{ms['bubble']:>8.1f}{ms['tensor']:>8.1f}{ms['pipeline']:>7.1f}{ms['data']:>7.1f}"
         f"{c.memory.peak / _GB:>7.1f}"
     )
@@ -171,7 +171,7 @@ class Plan:
             f"{self.devices} devices ({hw.devices_per_host} per host), "
             f"{hw.memory / _GB:.0f} GB, {hw.flops / 1e12:.0f} TFLOP/s each: "
             f"{len(self.ranked)} layouts fit, {len(self.rejected)} do not",
-            f"{'#':>3} {'layout':<40}{'step ms':>9}{'compute':>9}{'bubble':>8}{'tensor':>8}"
+            f"{'#':>3} {'layout':<46}{'step ms':>9}{'compute':>9}{'bubble':>8}{'tensor':>8}"
             f"{'pipe':>7}{'data':>7}{'GB':>7}",
         ]
         rows = list(_per_mesh(self.ranked).values())[:top]
@@ -209,8 +209,9 @@ def plan(
     """Ranks the layouts of a `Transformer(config)` training step (Adam) on `devices`.
 
     Candidates: every `(data, tensor, pipeline)` mesh the model's sizes divide (tensor
-    inside a host), each data-parallel strategy, sequence parallelism, remat, and for
-    pipelines 1F1B with microbatch counts that are multiples of the stages. Each is
+    inside a host), each data-parallel strategy, sequence parallelism, remat, gradient
+    accumulation over power-of-two microbatch counts, and for pipelines 1F1B with
+    microbatch counts that are multiples of the stages. Each is
     timed by `step_times` and its memory estimated by `estimate_memory` (state
     donated); layouts over `memory_per_device` are rejected with the reason.
 

@@ -25,7 +25,8 @@ def layout_of(
     - `config`: the model's `TransformerConfig` (its `sequence_parallel`, `remat` and
       `pipeline_stages` are used; `pipeline_stages` must equal the pipeline axis).
     - `strategy`: `"dp"`, `"zero1"`, `"zero2"`, `"fsdp"` or an `eqxpar.train.Strategy`.
-    - `microbatches`, `schedule`: the pipeline's (`"1f1b"` or `"gpipe"`).
+    - `microbatches`, `schedule`: the pipeline's (`"1f1b"` or `"gpipe"`); without a
+      pipeline, `microbatches` is the step's `accumulation_steps`.
 
     **Returns:** a `Layout`.
     """
