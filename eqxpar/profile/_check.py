@@ -43,6 +43,24 @@ def abstract_state(
     return jax.tree.unflatten(jax.tree.structure(abstract), leaves)
 
 
+def _step(layout: Layout, optimizer: Any, mesh: Any, strategy: Strategy) -> Any:
+    """The layout's train step: the pipelined loss with its schedule, or gradient
+    accumulation over `layout.microbatches` without a pipeline."""
+    from ..pipeline import GPipe, OneFOneB
+
+    schedule = OneFOneB() if layout.schedule == "1f1b" else GPipe()
+
+    def loss_fn(model: Any, x: Any, y: Any, key: Any) -> Any:
+        if layout.pipeline > 1:
+            return model.loss(x, y, schedule=schedule, microbatches=layout.microbatches)
+        return model.loss(x, y)
+
+    accumulate = layout.microbatches if layout.pipeline == 1 else 1
+    return make_train_step(
+        loss_fn, optimizer, mesh=mesh, strategy=strategy, accumulation_steps=accumulate
+    )
+
+
 def check_layout(
     make: Any,
     config: Any,
@@ -67,8 +85,6 @@ def check_layout(
 
     **Returns:** `(CommunicationReport, StepMemoryReport)`.
     """
-    from ..pipeline import GPipe, OneFOneB
-
     available = jax.devices() if devices is None else list(devices)
     if len(available) < layout.devices:
         raise ValueError(
@@ -85,19 +101,9 @@ def check_layout(
     config = layout.config(config)
     optimizer = optax.adam(1e-3) if optimizer is None else optimizer
     strategy = Strategy(layout.strategy, min_shard_size=layout.min_shard_size)
-    schedule = OneFOneB() if layout.schedule == "1f1b" else GPipe()
-
-    def loss_fn(model: Any, x: Any, y: Any, key: Any) -> Any:
-        if layout.pipeline > 1:
-            return model.loss(x, y, schedule=schedule, microbatches=layout.microbatches)
-        return model.loss(x, y)
-
     with jax.numpy_dtype_promotion("standard"):  # optax mixes ints and floats
         state = abstract_state(make, config, optimizer=optimizer, mesh=mesh, strategy=strategy)
-        accumulate = layout.microbatches if layout.pipeline == 1 else 1
-        step = make_train_step(
-            loss_fn, optimizer, mesh=mesh, strategy=strategy, accumulation_steps=accumulate
-        )
+        step = _step(layout, optimizer, mesh, strategy)
         x = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
         # `eqx.filter_jit` would take ShapeDtypeStructs for static leaves: trace the
         # step inside a `jax.jit` that sees them as abstract arguments.
