@@ -442,9 +442,8 @@ def _write(buffer: jax.Array, slot: Any, value: jax.Array) -> jax.Array:
 
 def _store(buffer: jax.Array, slot: Any, value: jax.Array) -> jax.Array:
     """`buffer[slot] = value`, or `buffer` unchanged when `slot` is -1."""
-    keep = _read(buffer, jnp.maximum(slot, 0))
-    value = jnp.where(slot >= 0, value, keep)
-    return lax.dynamic_update_index_in_dim(buffer, value, jnp.maximum(slot, 0), 0)
+    at = jnp.maximum(slot, 0)
+    return _write(buffer, at, jnp.where(slot >= 0, value, _read(buffer, at)))
 
 
 def _execute(
