@@ -40,6 +40,22 @@ def _rowvec(bias: jax.Array, ndim: int) -> jax.Array:
     return bias.reshape((1,) * (ndim - 1) + bias.shape)
 
 
+def linear_matmul(x: Array, weight: Array) -> Array:
+    """`x @ weight.T` as one `dot_general` contracting `x`'s last dim with `weight`'s
+    dim 1, with no `transpose` of the weight in the jaxpr.
+
+    Inside `shard_map` the weight is invariant over the data axes, so JAX inserts a
+    `pvary` where it meets the data-varying `x`, and the backward pass a `psum` where
+    the pvary was. With `x @ weight.T` that is after the transpose, so the weight
+    gradient's dot and its transpose end up on either side of the data all-reduce; XLA
+    cannot fold the transpose into the dot, and XLA:CPU runs a dot with a transposed
+    left operand (no YNNPACK) plus a transposing copy. Contracting `weight` in place
+    keeps the gradient's dot in one piece before the all-reduce.
+    """
+    dims = (((x.ndim - 1,), (1,)), ((), ()))
+    return jax.lax.dot_general(x, weight, dims)
+
+
 def _init(in_features: int, out_features: int, use_bias: bool, dtype: Any, key: PRNGKeyArray):
     dtype = default_float(dtype)
     wkey, bkey = jax.random.split(key, 2)
@@ -82,8 +98,8 @@ def column_parallel_matmul(
     if collective_matmul is not None:
         return all_gather_matmul(x, weight, axis_name, dim=-2, direction=collective_matmul)
     if sequence_parallel:
-        return gather_from_sequence(x, axis_name, dim=-2) @ weight.T
-    return copy_to_region(x, axis_name) @ weight.T
+        return linear_matmul(gather_from_sequence(x, axis_name, dim=-2), weight)
+    return linear_matmul(copy_to_region(x, axis_name), weight)
 
 
 class ColumnParallelLinear(eqx.Module):
@@ -300,8 +316,8 @@ class RowParallelLinear(eqx.Module):
                         x, weight, axis, dim=-2, direction=self.collective_matmul
                     )
                 if self.sequence_parallel:
-                    return reduce_scatter_to_sequence(x @ weight.T, axis, dim=-2)
-                return reduce_from_region(x @ weight.T, axis)
+                    return reduce_scatter_to_sequence(linear_matmul(x, weight), axis, dim=-2)
+                return reduce_from_region(linear_matmul(x, weight), axis)
 
             y = regather_in_backward(matmul, self.weight, x)
             if self.bias is not None:
