@@ -17,17 +17,24 @@ Variants, all computing the same numbers from the same weights:
 5. `eqxpar async uni` / 6. `eqxpar async bidi`: `collective_matmul="unidirectional"` /
    `"bidirectional"`, the sequence collectives as rings of collective-permutes.
 
+`--hlo-diff` prints, instead, GSPMD's and eqxpar TP's compiled steps dot by dot (shapes,
+contracting dims, the kernel XLA chose, each dot timed alone) beside the step times,
+with a third column: eqxpar TP traced with the layers' matmul written `x @ weight.T`, as
+it was before `linear_matmul` (the weight-gradient dots then leave YNNPACK on XLA:CPU).
+
 Run alone with `python benchmarks/tp_mlp.py --help` for the flags.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 from collections.abc import Callable
 from typing import Any
 
+import _hlo_dots
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -47,6 +54,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import eqxpar as ep
+import eqxpar.nn._linear as eqxpar_linear
 from eqxpar.nn import ColumnParallelLinear, RowParallelLinear
 from eqxpar.profile import CollectiveReport, count_collectives
 
@@ -226,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1e-4,
         help="allowed relative error of each variant's loss and gradients (default 1e-4)",
     )
+    parser.add_argument(
+        "--hlo-diff",
+        action="store_true",
+        help="instead of the six variants: GSPMD's and eqxpar TP's compiled dots one by one "
+        "(and eqxpar TP with the old x @ weight.T), each timed alone, beside the steps",
+    )
     return parser
 
 
@@ -362,12 +376,129 @@ def report(
     return "\n".join(lines)
 
 
+# -- --hlo-diff: the compiled steps of GSPMD and eqxpar TP, dot by dot -------------------
+
+OLD_MATMUL = "eqxpar TP, x @ weight.T"
+ROLE_ORDER = ("fwd", "bwd dX", "bwd dW")
+SUMMARY_HEADERS = ("step", "YNNPACK dots", "other dots", "layout copies", "sum dots alone ms",
+                   "step ms", "x GSPMD")  # fmt: skip
+
+
+@contextlib.contextmanager
+def transposed_weight_matmul():
+    """Traces eqxpar's TP layers with their matmul written `x @ weight.T`, as it was
+    before `linear_matmul`: the `pvary` of the weight then comes after its transpose."""
+    saved = eqxpar_linear.linear_matmul
+    eqxpar_linear.linear_matmul = lambda x, weight: x @ weight.T
+    try:
+        yield
+    finally:
+        eqxpar_linear.linear_matmul = saved
+
+
+def diff_steps(params: Params, x: jax.Array, mesh: jax.sharding.Mesh) -> dict[str, tuple]:
+    """GSPMD, eqxpar TP and eqxpar TP with `x @ weight.T`: name -> (compiled, args)."""
+    steps = {}
+    for name, build, old in (
+        (VARIANTS[1].name, _gspmd, False),
+        (VARIANTS[2].name, _eqxpar(), False),
+        (OLD_MATMUL, _eqxpar(), True),
+    ):
+        with transposed_weight_matmul() if old else contextlib.nullcontext():
+            jitted, placed = build(params, x, mesh)
+            steps[name] = (compile_timed(jitted, *placed)[0], placed)
+    return steps
+
+
+def dot_role(dot: _hlo_dots.HloDot, tokens: int) -> str:
+    """`fwd`; backward, `bwd dW` when it contracts the tokens, else `bwd dX`."""
+    if not dot.backward:
+        return "fwd"
+    return "bwd dW" if dot.contracted == tokens else "bwd dX"
+
+
+def _alone_key(dot: _hlo_dots.HloDot) -> str:
+    """The name of this dot's shapes and dimension numbers timed alone."""
+    return f"dot {dot.text()} {dot.dims_text()}"
+
+
+def dot_table(dots: dict[str, list], tokens: int, ms: dict, alone_kernel: dict) -> str:
+    """One row per kind of dot of each step: role, shapes, contracting dims, kernel, how
+    many, and one such dot compiled alone: its time and the kernel it gets alone."""
+    rows = []
+    for name, found in dots.items():
+        kinds: dict[tuple, list] = {}
+        for dot in found:
+            kinds.setdefault((dot_role(dot, tokens), dot.text(), dot.dims_text()), []).append(dot)
+        for key in sorted(kinds, key=lambda k: (ROLE_ORDER.index(k[0]), k[1:])):
+            same = kinds[key]
+            alone = _alone_key(same[0])
+            kernels = "/".join(sorted({d.kernel for d in same}))
+            rows.append((name, *key, kernels, len(same), f"{ms[alone]:.2f}", alone_kernel[alone]))
+    headers = ("step", "role", "dot (lhs x rhs -> out)", "contracting", "kernel in step", "n",
+               "alone ms", "kernel alone")  # fmt: skip
+    return format_table(headers, rows)
+
+
+def hlo_diff(args: argparse.Namespace, devices: str, mesh: jax.sharding.Mesh) -> str:
+    """Compiles the three steps of `diff_steps`, lists their dots, times every distinct
+    dot alone on one device and the steps, all round-robin, and formats the tables."""
+    kx, kp = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (args.batch, args.seq, args.hidden))
+    steps = diff_steps(init_params(args.hidden, kp), x, mesh)
+    texts = {name: _hlo_dots.compiled_text(c) for name, (c, _) in steps.items()}
+    dots = {name: _hlo_dots.parse_dots(text) for name, text in texts.items()}
+    calls, alone_kernel = dict(steps), {}
+    for dot in (d for found in dots.values() for d in found):
+        if _alone_key(dot) not in calls:
+            fn, operands, kernel = _hlo_dots.isolated(dot, mesh.devices.flat[0])
+            calls[_alone_key(dot)], alone_kernel[_alone_key(dot)] = (fn, operands), kernel
+    ms = time_round_robin(calls, repeats=args.repeats, warmup=args.warmup)
+    tokens = args.batch // args.mesh["data"] * args.seq
+    table = dot_table(dots, tokens, ms, alone_kernel)
+    base = ms[VARIANTS[1].name]
+    summary = []
+    for name, found in dots.items():
+        ynn = sum(d.kernel == "YNNPACK" for d in found)
+        copies = _hlo_dots.layout_copies(texts[name])
+        summary.append(
+            (name, ynn, len(found) - ynn, len(copies),
+             f"{sum(ms[_alone_key(d)] for d in found):.1f}", f"{ms[name]:.1f}",
+             f"{ms[name] / base:.3f}")
+        )  # fmt: skip
+    return hlo_diff_text(args, devices, table, summary)
+
+
+def hlo_diff_text(args: argparse.Namespace, devices: str, table: str, summary: list) -> str:
+    """`hlo_diff`'s header, tables and notes, as text."""
+    b, s, h = args.batch, args.seq, args.hidden
+    lines = [
+        f"## tp_mlp --hlo-diff: MLP block h={h} -> {4 * h} -> {h}, batch={b}, seq={s}, f32",
+        f"devices: {devices}; mesh {mesh_text(args.mesh)}; median of {args.repeats} "
+        f"round-robin calls (steps and the dots alone, alternated)",
+        "",
+        "Dots of each compiled step (per device). `alone ms`: that dot compiled by itself "
+        "(`lax.dot_general`, row-major operands) on one device.",
+        "",
+        table,
+        "",
+        format_table(SUMMARY_HEADERS, summary),
+        "",
+        "`layout copies`: copies and transposes of rank >= 2 outside fusion bodies. "
+        "`sum dots alone ms`: one device's dots, each at its time alone.",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Runs the benchmark and prints its tables."""
     args = build_parser().parse_args(argv)
     check_sizes(args)
     devices = start_devices(args.devices)
     mesh = make_mesh(args.mesh)
+    if args.hlo_diff:
+        print(hlo_diff(args, devices, mesh))
+        return
     measured, median_ms, peak = measure(args, mesh)
     print(report(args, devices, peak, measured, median_ms))
 
