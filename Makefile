@@ -34,10 +34,16 @@ lint: $(VENV)/.stamp-dev
 	$(PY) -m ruff format --check eqxpar models examples benchmarks tests
 	$(PY) -m pyright
 
-docs: $(VENV)/.stamp-docs
+# MathJax for the site, so that its maths renders offline (docs/hooks.py copies it into
+# the build); without npm the pages load MathJax from its CDN instead.
+MATHJAX := $(VENV)/mathjax/node_modules/mathjax/es5/tex-mml-chtml.js
+$(MATHJAX): | $(PY)
+	-command -v npm >/dev/null && npm install --silent --no-audit --no-fund --prefix $(VENV)/mathjax mathjax@3
+
+docs: $(VENV)/.stamp-docs $(MATHJAX)
 	$(PY) -m mkdocs build --strict
 
-docs-serve: $(VENV)/.stamp-docs
+docs-serve: $(VENV)/.stamp-docs $(MATHJAX)
 	$(PY) -m mkdocs serve
 
 bench: $(VENV)/.stamp-examples

@@ -1,5 +1,6 @@
 """MkDocs hook: draws the pipeline schedules' Gantt charts and the partition maps of
-`docs/seeing.md` into the docs build.
+`docs/seeing.md` into the docs build, includes `benchmarks/RESULTS.md` in the
+Benchmarks page, and serves MathJax from the site itself when it is installed.
 
 `docs/pipeline.md` shows the tick tables of `GPipe()`, `OneFOneB()` and
 `Interleaved1F1B(2)` at `p = 4` stages and `m = 8` microbatches. The PNGs are not
@@ -7,16 +8,36 @@ committed (no binaries under `docs/`): `on_files` draws them with
 `eqxpar.pipeline.plot_schedule` at every build and adds them to the site as generated
 files, so `![...](images/pipeline-gpipe.png)` in the page resolves like any other file
 (and `mkdocs build --strict` checks the link). Needs matplotlib (`eqxpar[examples]`).
+
+`docs/benchmarks.md` holds the marker `<!-- benchmarks/RESULTS.md -->`; `on_page_markdown`
+replaces it with that file's text at every build (the page is not a copy), or with a
+note when the file is missing. Its relative links to files under `benchmarks/` (charts)
+are added to the site; links to files that are not there become plain text.
+
+MathJax: `js/mathjax-loader.js` (generated here) configures MathJax for
+`pymdownx.arithmatex` and loads `js/mathjax/tex-mml-chtml.js` from the site, falling
+back to the CDN when that fails. `on_post_build` copies MathJax 3 into `js/mathjax/`
+from the first of `$EQXPAR_MATHJAX`, `.venv/mathjax/node_modules/mathjax/es5` (what
+`make docs` installs with npm) and Debian's `/usr/share/nodejs/mathjax-full/es5` that
+exists, so the maths renders offline; without one, pages use the CDN.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import pathlib
+import re
+import shutil
 import tempfile
 
 from mkdocs.config.defaults import MkDocsConfig
 from mkdocs.structure.files import File, Files
+from mkdocs.structure.pages import Page
+
+log = logging.getLogger("mkdocs.hooks.eqxpar")
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 STAGES, MICROBATCHES = 4, 8
 IMAGES = "images"  # the charts' folder in the site; the page links images/pipeline-*.png
@@ -82,4 +103,127 @@ def on_files(files: Files, config: MkDocsConfig) -> Files:
                 f"(binaries are not committed under docs/)."
             )
         files.append(File.generated(config, src_uri, content=content))
+    files.append(File.generated(config, LOADER, content=_loader()))
+    for src_uri, path in _benchmark_files().items():
+        files.append(File.generated(config, src_uri, abs_src_path=str(path)))
     return files
+
+
+# --- Benchmarks: benchmarks/RESULTS.md, included at build time -------------------------
+
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+MARKER = "<!-- benchmarks/RESULTS.md -->"
+BENCH_FILES = "benchmarks-files"  # where RESULTS.md's linked files go in the site
+_LINK = re.compile(r"(!?)\[([^\]]*)\]\(([^)\s]+)([^)]*)\)")
+
+
+def _local(target: str) -> pathlib.Path | None:
+    """The file under benchmarks/ that a relative link of RESULTS.md names, if any."""
+    if re.match(r"^[a-z]+:|^#|^/", target):
+        return None
+    path = (RESULTS.parent / target.split("#")[0]).resolve()
+    return path if path.is_file() and RESULTS.parent in path.parents else None
+
+
+def _benchmark_files() -> dict[str, pathlib.Path]:
+    """RESULTS.md's linked local files, by their `src_uri` in the site."""
+    if not RESULTS.is_file():
+        return {}
+    out = {}
+    for match in _LINK.finditer(RESULTS.read_text()):
+        path = _local(match[3])
+        if path is not None:
+            out[f"{BENCH_FILES}/{path.relative_to(RESULTS.parent).as_posix()}"] = path
+    return out
+
+
+def _results_markdown() -> str:
+    """RESULTS.md's text for the page: links to its local files rewritten to their
+    copies in the site, links to anything else relative turned into plain text."""
+    if not RESULTS.is_file():
+        return (
+            '!!! warning "No results yet"\n    `benchmarks/RESULTS.md` was not found when '
+            "this site was built, so there is no table here. Run `make bench` (or the "
+            "scripts under `benchmarks/`) to produce it, then rebuild the docs.\n"
+        )
+
+    def rewrite(match: re.Match) -> str:
+        bang, text, target, rest = match.groups()
+        if re.match(r"^[a-z]+:|^#", target):
+            return match[0]
+        path = _local(target)
+        if path is None:
+            return text if not bang else f"*({text or target}: not in the repository)*"
+        fragment = target.partition("#")[2]
+        uri = f"{BENCH_FILES}/{path.relative_to(RESULTS.parent).as_posix()}"
+        return f"{bang}[{text}]({uri}{'#' + fragment if fragment else ''}{rest})"
+
+    text = RESULTS.read_text()
+    body = text.split("\n", 1)[1] if text.startswith("# ") else text  # the page has its h1
+    return _LINK.sub(rewrite, body)
+
+
+def on_page_markdown(markdown: str, page: Page, config: MkDocsConfig, files: Files) -> str:
+    """Puts `benchmarks/RESULTS.md` in place of its marker."""
+    if MARKER in markdown:
+        return markdown.replace(MARKER, _results_markdown())
+    return markdown
+
+
+# --- MathJax, served from the site when installed, the CDN otherwise -------------------
+
+LOADER = "js/mathjax-loader.js"
+CDN = "https://unpkg.com/mathjax@3/es5/tex-mml-chtml.js"
+# What tex-mml-chtml.js loads at run time: its fonts, TeX extensions, the menu's parts.
+_MATHJAX_PARTS = ("tex-mml-chtml.js", "output", "input", "a11y", "ui", "adaptors")
+
+
+def _loader() -> str:
+    """The script that configures MathJax and loads it, local copy first."""
+    return f"""// Generated by docs/hooks.py.
+window.MathJax = {{
+  tex: {{inlineMath: [["\\\\(", "\\\\)"]], displayMath: [["\\\\[", "\\\\]"]],
+        processEscapes: true, processEnvironments: true}},
+  options: {{ignoreHtmlClass: ".*|", processHtmlClass: "arithmatex"}}
+}};
+(function () {{
+  var local = new URL("mathjax/tex-mml-chtml.js", document.currentScript.src).href;
+  function load(src, fallback) {{
+    var script = document.createElement("script");
+    script.src = src;
+    script.async = true;
+    if (fallback) script.onerror = function () {{ load(fallback, null); }};
+    document.head.appendChild(script);
+  }}
+  load(local, "{CDN}");
+}})();
+"""
+
+
+def _mathjax_source() -> pathlib.Path | None:
+    candidates = [
+        os.environ.get("EQXPAR_MATHJAX"),
+        ROOT / ".venv" / "mathjax" / "node_modules" / "mathjax" / "es5",
+        "/usr/share/nodejs/mathjax-full/es5",
+    ]
+    for candidate in candidates:
+        if candidate and (pathlib.Path(candidate) / "tex-mml-chtml.js").is_file():
+            return pathlib.Path(candidate)
+    return None
+
+
+def on_post_build(config: MkDocsConfig) -> None:
+    """Copies MathJax into the site, so that its maths renders without a network."""
+    source = _mathjax_source()
+    if source is None:
+        log.info("MathJax is not installed (make docs installs it): pages load it from %s", CDN)
+        return
+    target = pathlib.Path(config.site_dir) / "js" / "mathjax"
+    for part in _MATHJAX_PARTS:
+        path = source / part
+        if path.is_dir():
+            shutil.copytree(path, target / part, dirs_exist_ok=True)
+        elif path.is_file():
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target / part)
+    log.info("MathJax copied from %s into the site", source)
