@@ -169,3 +169,75 @@ def test_api_reference_lists_every_public_name():
             stale.append(full)
     assert not missing, f"public names missing from docs/api.md: {missing}"
     assert not stale, f"docs/api.md documents names that no longer exist: {stale}"
+
+
+def _nav_pages(node) -> list[str]:
+    """Every page file named in mkdocs.yml's `nav`, depth first."""
+    if isinstance(node, str):
+        return [node]
+    if isinstance(node, dict):
+        return [p for value in node.values() for p in _nav_pages(value)]
+    return [p for item in node for p in _nav_pages(item)]
+
+
+def test_navigation_lists_every_page():
+    yaml = pytest.importorskip("yaml")
+    config = yaml.safe_load((DOCS.parent / "mkdocs.yml").read_text())
+    nav = _nav_pages(config["nav"])
+    pages = sorted(p.name for p in DOCS.glob("*.md"))
+    assert sorted(nav) == pages, (
+        f"pages not in mkdocs.yml's nav: {sorted(set(pages) - set(nav))}; "
+        f"nav entries with no page: {sorted(set(nav) - set(pages))}"
+    )
+    assert nav[:4] == ["index.md", "installation.md", "quickstart.md", "concepts.md"]
+
+
+def _hooks():
+    sys.path.insert(0, str(DOCS))
+    try:
+        import hooks
+    finally:
+        sys.path.remove(str(DOCS))
+    return hooks
+
+
+def test_benchmarks_page_includes_results(tmp_path, monkeypatch):
+    pytest.importorskip("mkdocs")
+    hooks = _hooks()
+    results = tmp_path / "RESULTS.md"
+    monkeypatch.setattr(hooks, "RESULTS", results)
+    page = (DOCS / "benchmarks.md").read_text()
+    assert hooks.MARKER in page
+
+    missing = hooks.on_page_markdown(page, None, None, None)
+    assert hooks.MARKER not in missing and "`benchmarks/RESULTS.md` was not found" in missing
+
+    (tmp_path / "chart.png").write_bytes(b"png")
+    results.write_text(
+        "# Results\n\n| a | b |\n| --- | --- |\n| 1 | 2 |\n\n"
+        "![chart](chart.png) ![gone](gone.png) [script](run.py) [web](https://x.org)\n"
+    )
+    shown = hooks.on_page_markdown(page, None, None, None)
+    assert "| 1 | 2 |" in shown and "# Results" not in shown  # the page keeps its own h1
+    assert "![chart](benchmarks-files/chart.png)" in shown  # linked files go in the site
+    assert "*(gone: not in the repository)*" in shown and "[script]" not in shown
+    assert "[web](https://x.org)" in shown
+    assert hooks._benchmark_files() == {"benchmarks-files/chart.png": tmp_path / "chart.png"}
+
+
+@pytest.mark.slow
+def test_docs_build_strict(tmp_path):
+    """`mkdocs build --strict` succeeds: no broken link, anchor-less page or warning."""
+    pytest.importorskip("mkdocs")
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
+        cwd=DOCS.parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (tmp_path / "site" / "index.html").is_file()
+    assert (tmp_path / "site" / "js" / "mathjax-loader.js").is_file()
