@@ -210,14 +210,38 @@ def measure(built: Built, *, repeats: int, warmup: int, peak_dtype: Any) -> dict
     return dict(title=built.title, peak_flops=peak, repeats=repeats, warmup=warmup, rows=rows)
 
 
+def collective_table(built: Built) -> str:
+    """Every variant's collectives by kind and axes: executions and MB (1e6 B) per
+    device and step, from the compiled HLO (`count_collectives`)."""
+    from _common import format_table
+
+    from eqxpar.profile import count_collectives
+
+    rows = []
+    for name, v in built.variants.items():
+        if v.mesh is None or v.mesh.size == 1:
+            continue
+        sums: dict[tuple[str, str], list[int]] = {}
+        for r in count_collectives(v.compiled, v.mesh).records:
+            cell = sums.setdefault((r.kind, ",".join(r.axes)), [0, 0])
+            cell[0] += r.count
+            cell[1] += r.count * r.nbytes
+        for (kind, axes), (count, nbytes) in sorted(sums.items()):
+            rows.append([name, kind, axes, count, f"{nbytes / 1e6:.2f}"])
+    return format_table(["variant", "collective", "axes", "count", "MB"], rows)
+
+
 def case_main(argv: list[str] | None = None) -> None:
     """`python benchmarks/_harness.py --case NAME --out FILE`: one case, JSON to FILE."""
     parser = argparse.ArgumentParser(description=case_main.__doc__)
     parser.add_argument("--case", required=True)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", help="the JSON file to write (timed runs)")
     parser.add_argument("--sizes", choices=SIZES, default="full")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--collectives", action="store_true", help="print the collectives by kind; no timing"
+    )
     args = parser.parse_args(argv)
     case = all_cases()[args.case]
     from _common import start_devices
@@ -228,6 +252,9 @@ def case_main(argv: list[str] | None = None) -> None:
 
     start = time.perf_counter()
     built = case.build(args.sizes)
+    if args.collectives:
+        print(f"{built.title}\n\n{collective_table(built)}")
+        return
     dtype = "bfloat16" if gpu and jax.default_backend() != "cpu" else "float32"
     result = measure(built, repeats=args.repeats, warmup=args.warmup, peak_dtype=dtype)
     result.update(case=args.case, devices=described, seconds=time.perf_counter() - start)

@@ -132,7 +132,10 @@ class PlainBlock(eqx.Module):
         qkv = qkv.reshape(b, s, self.kv_heads, group + 2, -1)
         q = rotary(qkv[..., :group, :].reshape(b, s, self.heads, -1), self.theta)
         k, v = rotary(qkv[..., group, :], self.theta), qkv[..., group + 1, :]
-        a = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attention)
+        if self.attention == "blockwise":  # a diagnostic: eqxpar's attention kernel
+            a = ep.nn.blockwise_attention(q, k, v)
+        else:
+            a = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attention)
         x = x + _per_token(self.out, a.reshape(b, s, -1))
         h = jax.nn.gelu(_per_token(self.up, _per_token(self.mlp_norm, x)))
         return x + _per_token(self.down, h)
@@ -362,6 +365,22 @@ def side_by_side(mesh_sizes: dict[str, int], layout: str, strategy: str = "dp") 
     return build
 
 
+def one_device_case(sizes: str) -> Built:
+    """`side_by_side` on one device, plus a diagnostic variant: the plain model with
+    eqxpar's blockwise attention kernel in place of `jax.nn.dot_product_attention`,
+    which splits the gap between the two into attention and everything else."""
+    built = side_by_side({"data": 1}, "replicated")(sizes)
+    s = SIZES["smoke" if "smoke" in sizes else "full"]
+    x, y = tokens(s)
+    ours = built.variants["eqxpar"]
+    model = ours.args[0].model
+    template = PlainTransformer(s.config, "blockwise", key=jax.random.key(1))
+    diagnostic = plain_variant(template, model, {"data": 1}, "replicated", x, y)
+    diagnostic.theory_bytes = ours.theory_bytes
+    built.variants["jit plain + blockwise attention"] = diagnostic
+    return built
+
+
 def ep_mesh_text(sizes: dict[str, int]) -> str:
     return ",".join(f"{k}={v}" for k, v in sizes.items())
 
@@ -422,7 +441,7 @@ def gpu_case(sizes: str) -> Built:
 
 
 CASES = {
-    "transformer-1dev": Case(1, side_by_side({"data": 1}, "replicated"), "1 device"),
+    "transformer-1dev": Case(1, one_device_case, "1 device"),
     "transformer-data8": Case(8, side_by_side({"data": 8}, "replicated"), "data parallel"),
     "transformer-d2t4": Case(8, side_by_side({"data": 2, "tensor": 4}, "megatron"), "DP x TP"),
     "transformer-t8": Case(8, side_by_side({"data": 1, "tensor": 8}, "megatron"), "TP"),

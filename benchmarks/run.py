@@ -50,7 +50,7 @@ def build_parser(cases: list[str]) -> argparse.ArgumentParser:
     parser.add_argument(
         "--gpu", action="store_true", help="the GPU cases: bf16, a ~1B Transformer, cuDNN"
     )
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (default 5)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed rounds (default 10)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls (default 1)")
     parser.add_argument("--results", default=os.path.join(HERE, "results"))
     parser.add_argument(
