@@ -21,7 +21,17 @@ import pytest
 
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
 # Tutorial pages: they must hold code, so that they are tested.
-MUST_RUN = ("index.md", "meshes.md", "tensor-parallel.md")
+MUST_RUN = (
+    "index.md",
+    "concepts.md",
+    "meshes.md",
+    "tensor-parallel.md",
+    "howto-checkpoints.md",
+    "howto-mixed-precision.md",
+    "howto-remat.md",
+    "howto-debugging.md",
+    "howto-reports.md",
+)
 # Pages that compile whole train steps (a minute or more between them): `make test-slow`
 # (and CI) runs them, the fast suite runs the rest.
 SLOW_PAGES = ("transformer.md", "data-parallel.md", "context-parallel.md", "moe.md")
