@@ -272,7 +272,11 @@ def run_case(name: str, out: str, *, sizes: str, repeats: int, warmup: int) -> d
     command += ["--sizes", sizes, "--repeats", str(repeats), "--warmup", str(warmup)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
-        lines = (done.stderr or done.stdout).strip().splitlines()
+        lines = [
+            line
+            for line in (done.stderr or done.stdout).strip().splitlines()
+            if line.strip() and not line.startswith(("For simplicity", "-----"))
+        ]
         return lines[-1] if lines else f"exit code {done.returncode}"
     with open(out) as f:
         return json.load(f)

@@ -10,11 +10,20 @@ from __future__ import annotations
 
 from typing import Any
 
+import equinox as eqx
 import jax
+import numpy as np
+import optax
 import tp_mlp
 from _harness import Built, Case, Variant, compile_timed
+from cases_transformer import place_opt_state
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from jaxtyping import Array, PRNGKeyArray
 
 import eqxpar as ep
+from eqxpar.train import init_state, make_train_step
+from models import TPClassifier
 
 F32 = 4
 SIZES = {"full": (8, 256, 512), "smoke": (4, 16, 32)}  # batch, seq, h
@@ -67,4 +76,127 @@ def ep_text() -> str:
     return ",".join(f"{k}={v}" for k, v in MESH.items())
 
 
-CASES = {"tp-mlp-d2t4": Case(8, mlp_case, "TP MLP block h -> 4h -> h (tp_mlp.py's builders)")}
+# -- TPClassifier --------------------------------------------------------------------------
+
+CLASSIFIER = {"full": (784, 10, 512, 2048, 4, 1024), "smoke": (12, 5, 16, 32, 2, 16)}
+B1 = 0.9
+
+
+class PlainClassifier(eqx.Module):
+    """`models.TPClassifier` from `eqx.nn.Linear` and `eqx.nn.LayerNorm`: an input
+    linear layer, `depth` residual blocks `x + down(gelu(up(norm(x))))`, norm, head."""
+
+    embed: eqx.nn.Linear
+    norms: list[eqx.nn.LayerNorm]
+    ups: list[eqx.nn.Linear]
+    downs: list[eqx.nn.Linear]
+    norm: eqx.nn.LayerNorm
+    head: eqx.nn.Linear
+
+    def __init__(self, model: TPClassifier, *, key: PRNGKeyArray):
+        del key  # every weight comes from `model`
+
+        def linear(layer: Any) -> eqx.nn.Linear:
+            out, inp = layer.weight.shape
+            plain = eqx.nn.Linear(inp, out, key=jax.random.key(0))
+            return eqx.tree_at(lambda m: (m.weight, m.bias), plain, (layer.weight, layer.bias))
+
+        self.embed, self.head = linear(model.embed), linear(model.head)
+        self.norms = [b.norm for b in model.blocks]
+        self.ups = [linear(b.up) for b in model.blocks]
+        self.downs = [linear(b.down) for b in model.blocks]
+        self.norm = model.norm
+
+    def __call__(self, x: Array) -> Array:
+        h = jax.vmap(self.embed)(x)
+        for norm, up, down in zip(self.norms, self.ups, self.downs):
+            h = h + jax.vmap(down)(jax.nn.gelu(jax.vmap(up)(jax.vmap(norm)(h))))
+        return jax.vmap(self.head)(jax.vmap(self.norm)(h))
+
+
+def _ce(logits: Array, y: Array) -> Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def megatron_spec(path: str, ndim: int) -> P:
+    """Rows of the input and up layers over `tensor`, columns of down and head."""
+    if path.startswith(("embed.", "ups.")):
+        return P("tensor", *([None] * (ndim - 1)))
+    if path.startswith(("downs.", "head.")) and path.endswith("weight"):
+        return P(None, "tensor")
+    return P()
+
+
+def classifier_variants(mesh: Any, x: np.ndarray, y: np.ndarray, dims: tuple) -> dict:
+    opt = optax.adamw(1e-3, b1=B1, weight_decay=0.01)
+    state = init_state(
+        TPClassifier, *dims, key=jax.random.key(0), optimizer=opt, mesh=mesh, strategy="dp"
+    )
+    step = make_train_step(lambda m, x, y, key: _ce(m(x), y), opt, mesh=mesh)
+    batch = NamedSharding(mesh, P("data"))
+    xs, ys = jax.device_put(x, batch), jax.device_put(y, batch)
+    ours, ours_s = compile_timed(step, state, xs, ys)
+    plain = PlainClassifier(jax.device_get(state.model), key=jax.random.key(0))
+    params, static = eqx.partition(plain, eqx.is_array)
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, a: jax.device_put(
+            a,
+            NamedSharding(
+                mesh, megatron_spec(jax.tree_util.keystr(p, simple=True, separator="."), a.ndim)
+            ),
+        ),
+        params,
+    )
+    opt_state = place_opt_state(opt.init(params), params, mesh)
+    shardings = jax.tree.map(lambda a: a.sharding, (params, opt_state))
+
+    @eqx.filter_jit
+    def plain_step(params, opt_state, x, y):
+        loss, g = eqx.filter_value_and_grad(lambda p: _ce(eqx.combine(p, static)(x), y))(params)
+        updates, opt_state = opt.update(g, opt_state, params)
+        new = (eqx.apply_updates(params, updates), opt_state)
+        return jax.lax.with_sharding_constraint(new, shardings), loss
+
+    base, base_s = compile_timed(plain_step, params, opt_state, xs, ys)
+    moments = lambda s: s[0].mu  # adamw: (ScaleByAdamState, decay, lr)  # noqa: E731
+
+    def probe_base() -> tuple[Any, Any]:
+        (_, new), loss = base(params, opt_state, xs, ys)
+        return loss, jax.tree.map(lambda m: m / (1 - B1), moments(new))
+
+    def probe_ours() -> tuple[Any, Any]:
+        new, metrics = ours(state, xs, ys)
+        mu = jax.tree.map(lambda m: m / (1 - B1), moments(new.opt_state))
+        return metrics["loss"], eqx.filter(PlainClassifier(mu, key=jax.random.key(0)), eqx.is_array)
+
+    base_args = (params, opt_state, xs, ys)
+    return {
+        "jit auto (megatron)": Variant(base, base_args, base, mesh, base_s, probe_base),
+        "eqxpar": Variant(ours, (state, xs, ys), ours, mesh, ours_s, probe_ours),
+    }
+
+
+def classifier_case(sizes: str) -> Built:
+    """`models.TPClassifier`'s AdamW step on data=2,tensor=4 against the plain-Equinox
+    twin under `jit` with Megatron `NamedSharding`s (bytes: no theory)."""
+    *dims, batch = CLASSIFIER["smoke" if "smoke" in sizes else "full"]
+    features, classes, width, hidden, depth = dims
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, features)).astype(np.float32)
+    y = rng.integers(0, classes, batch).astype(np.int32)
+    mesh = ep.make_mesh(**MESH, devices=jax.devices()[:8])
+    macs = features * width + depth * 2 * width * hidden + width * classes
+    return Built(
+        title=f"TPClassifier {features} -> {width} (x{depth} blocks of {hidden}) -> {classes}, "
+        f"batch {batch}, {ep_text()}",
+        variants=classifier_variants(mesh, x, y, tuple(dims)),
+        flops=6 * macs * batch,
+        tokens=batch,
+        baselines=("jit auto (megatron)",),
+    )
+
+
+CASES = {
+    "tp-mlp-d2t4": Case(8, mlp_case, "TP MLP block h -> 4h -> h (tp_mlp.py's builders)"),
+    "classifier-d2t4": Case(8, classifier_case, "models.TPClassifier, AdamW step"),
+}
