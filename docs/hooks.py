@@ -1,6 +1,7 @@
-"""MkDocs hook: draws the pipeline schedules' Gantt charts and the partition maps of
-`docs/seeing.md` into the docs build, includes `benchmarks/RESULTS.md` in the
-Benchmarks page, and serves MathJax from the site itself when it is installed.
+"""MkDocs hook: draws the pipeline schedules' Gantt charts, the partition maps of
+`docs/seeing.md` and the loss curve of `docs/quickstart.md` into the docs build,
+includes `benchmarks/RESULTS.md` in the Benchmarks page, and serves MathJax from the
+site itself when it is installed.
 
 `docs/pipeline.md` shows the tick tables of `GPipe()`, `OneFOneB()` and
 `Interleaved1F1B(2)` at `p = 4` stages and `m = 8` microbatches. The PNGs are not
@@ -63,6 +64,7 @@ def _render() -> dict[str, bytes]:
             plot_schedule(table.split() if "split" in name else table, path, title=title)
             out[f"{IMAGES}/{name}"] = path.read_bytes()
         out.update(_maps(pathlib.Path(tmp)))
+        out.update(_loss_curve(pathlib.Path(tmp)))
     return out
 
 
@@ -89,6 +91,44 @@ def _maps(tmp: pathlib.Path) -> dict[str, bytes]:
     return {
         f"{IMAGES}/{n}": (tmp / n).read_bytes() for n in ("seeing-mesh.png", "seeing-partition.png")
     }
+
+
+def _loss_curve(tmp: pathlib.Path) -> dict[str, bytes]:
+    """`docs/quickstart.md`'s loss curve: a small byte-level `models.Transformer` (2
+    layers x 64 wide) trained for 120 steps on Python's bundled documentation on
+    `data=2, tensor=4`, with `eqxpar.train.fit`, drawn by `eqxpar.train.plot_losses`
+    (about 10 s on two CPU cores)."""
+    import pydoc_data.topics
+
+    import jax
+    import numpy as np
+    import optax
+
+    import eqxpar as ep
+    from models import Transformer, TransformerConfig
+
+    ep.simulate_cpu_devices(8)
+    text = "\n\n".join(pydoc_data.topics.topics.values()).encode()
+    corpus = np.frombuffer(text, np.uint8).astype(np.int32)
+    config = TransformerConfig(vocab_size=256, dim=64, num_layers=2, num_heads=4, max_seq_len=64)
+    mesh = ep.make_mesh(data=2, tensor=4)
+    optimizer = optax.adam(3e-3)
+    state = ep.train.init_state(
+        Transformer, config, key=jax.random.key(0), optimizer=optimizer, mesh=mesh
+    )
+    step = ep.train.make_train_step(
+        lambda m, x, y, key: m.loss(x, y), optimizer, mesh=mesh, clip_norm=1.0
+    )
+
+    def batch(i: int) -> tuple[np.ndarray, np.ndarray]:
+        starts = np.random.default_rng([0, i]).integers(0, len(corpus) - 65, size=16)
+        windows = np.stack([corpus[s : s + 65] for s in starts])
+        return windows[:, :-1], windows[:, 1:]
+
+    _, rows = ep.train.fit(step, state, batch, steps=120, progress=False)
+    path = tmp / "quickstart-loss.png"
+    ep.train.plot_losses(path, rows, "byte LM, 2 layers x 64, data=2,tensor=4, 120 steps")
+    return {f"{IMAGES}/quickstart-loss.png": path.read_bytes()}
 
 
 def on_files(files: Files, config: MkDocsConfig) -> Files:
