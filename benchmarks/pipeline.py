@@ -102,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="memory table: rows per microbatch per data shard (default 512)",
     )  # fmt: skip
     parser.add_argument(
-        "--time-batch", type=int, default=16,
-        help="timing: rows per microbatch per data shard (default 16)",
+        "--time-batch", type=int, default=64,
+        help="timing: rows per microbatch per data shard (default 64)",
     )  # fmt: skip
     parser.add_argument("--time-microbatches", type=int, default=16, help="timing: m (default 16)")
     parser.add_argument(
@@ -419,8 +419,8 @@ def time_section(
         "Note: the simulated devices share this machine's CPU cores and a collective is a "
         "memory copy: an idle",
         "device frees its core for the others, so this measures the executor's overhead "
-        "(a lax.switch per tick,",
-        "the slot buffers, the permutes), not the bubble; the tick-time model above is "
+        "(a conditional per action",
+        "kind and per permute, the slot buffers), not the bubble; the tick-time model above is "
         "what a schedule costs on",
         "devices that run in parallel. ticks and bubble: of table.split(), what runs.",
         "",
