@@ -105,6 +105,19 @@ def test_restore_onto_a_different_mesh(data8, uninterrupted, tmp_path):
     np.testing.assert_allclose([r["loss"] for r in rows], uninterrupted[1][3:], rtol=1e-5)
 
 
+def test_restore_onto_a_shape_only_target(data8, uninterrupted, tmp_path):
+    # `eqx.filter_eval_shape` of the state (typed PRNG key included) is a valid target:
+    # nothing is allocated before the read, and the restored state trains on.
+    state, step = data8
+    ckpt = Checkpointer(tmp_path / "run")
+    fit(step, state, batch_fn, steps=3, checkpointer=ckpt, progress=False)
+    like = eqx.filter_eval_shape(lambda: state)
+    restored, start = resume(ckpt, like, mesh=ep.make_mesh(data=8))
+    assert start == 3
+    _, rows = fit(step, restored, batch_fn, steps=6, start=start, progress=False)
+    np.testing.assert_allclose([r["loss"] for r in rows], uninterrupted[1][3:], rtol=1e-5)
+
+
 def test_a_crash_mid_save_keeps_the_previous_checkpoint(tmp_path):
     script = textwrap.dedent(f"""
         import os, jax, jax.numpy as jnp

@@ -208,7 +208,7 @@ class Checkpointer:
             )
         targets, reshapes = [], []
         for (x, spec), stored in zip(arrays, shapes, strict=True):
-            raw = jax.random.key_data(x) if _is_key(x) else x
+            raw = jax.eval_shape(jax.random.key_data, x) if _is_key(x) else x  # concrete or not
             shape = tuple(raw.shape)
             if int(np.prod(stored)) != int(np.prod(shape)):
                 raise ValueError(
