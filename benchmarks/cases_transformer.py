@@ -273,7 +273,7 @@ def auto_mesh(sizes: dict[str, int]) -> Mesh:
 
 def plain_variant(
     template: PlainTransformer, model: Transformer, mesh_sizes: dict[str, int], layout: str,
-    x: np.ndarray, y: np.ndarray,
+    x: np.ndarray, y: np.ndarray, batch_spec: P | None = None,
 ) -> Variant:  # fmt: skip
     """The baseline: the plain model's AdamW step under `eqx.filter_jit`, on a mesh of
     Auto axes, weights placed by `layout`, the batch over `data`."""
@@ -282,7 +282,9 @@ def plain_variant(
     opt = optimizer()
     opt_state = place_opt_state(opt.init(params), params, mesh)
     shardings = jax.tree.map(lambda a: a.sharding, (params, opt_state))
-    batch = NamedSharding(mesh, P("data") if "data" in mesh_sizes else P())
+    if batch_spec is None:
+        batch_spec = P("data") if "data" in mesh_sizes else P()
+    batch = NamedSharding(mesh, batch_spec)
     xs, ys = jax.device_put(x, batch), jax.device_put(y, batch)
 
     @eqx.filter_jit
@@ -309,6 +311,7 @@ def plain_variant(
 def eqxpar_variant(
     template: PlainTransformer, config: TransformerConfig, mesh_sizes: dict[str, int],
     strategy: str, x: np.ndarray, y: np.ndarray, loss_fn: Callable | None = None,
+    batch_spec: P | None = None,
 ) -> tuple[Variant, Transformer]:  # fmt: skip
     """eqxpar's `make_train_step` on an eqxpar mesh; also returns the model (global
     arrays) the baselines copy."""
@@ -320,8 +323,11 @@ def eqxpar_variant(
         Transformer, config, key=jax.random.key(0), optimizer=opt, mesh=mesh, strategy=strategy
     )
     loss_fn = loss_fn or (lambda model, x, y, key: model.loss(x, y))
-    step = make_train_step(loss_fn, opt, mesh=mesh, strategy=strategy)
-    batch = NamedSharding(mesh, P("data"))
+    batch_spec = P("data") if batch_spec is None else batch_spec
+    step = make_train_step(
+        loss_fn, opt, mesh=mesh, strategy=strategy, batch_specs=(batch_spec, batch_spec)
+    )
+    batch = NamedSharding(mesh, batch_spec)
     xs, ys = jax.device_put(x, batch), jax.device_put(y, batch)
     compiled, seconds = compile_timed(step, state, xs, ys)
 
@@ -330,10 +336,12 @@ def eqxpar_variant(
         mu = first_moment(new.opt_state)
         return metrics["loss"], plain_like(template, jax.tree.map(lambda m: m / (1 - B1), mu))
 
-    report = communication_report(
-        compiled, mesh, config, batch=x.shape[0], seq=x.shape[1], strategy=strategy
-    )
-    theory = sum(r.theory or 0.0 for r in report.rows)
+    theory = None  # the cost model has no context axis
+    if "context" not in mesh_sizes:
+        report = communication_report(
+            compiled, mesh, config, batch=x.shape[0], seq=x.shape[1], strategy=strategy
+        )
+        theory = sum(r.theory or 0.0 for r in report.rows)
     return Variant(compiled, (state, xs, ys), compiled, mesh, seconds, probe, theory), state.model
 
 
@@ -415,6 +423,49 @@ def pipeline_case(sizes: str) -> Built:
     )
 
 
+RING = {
+    "full": Sizes(
+        TransformerConfig(vocab_size=4096, dim=512, num_layers=2, num_heads=8, max_seq_len=2048),
+        batch=1,
+        seq=2048,
+    ),
+    "smoke": Sizes(
+        TransformerConfig(vocab_size=64, dim=32, num_layers=2, num_heads=8, max_seq_len=64),
+        batch=1,
+        seq=64,
+    ),
+}
+
+
+def ring_case(sizes: str) -> Built:
+    """Context parallelism at a long sequence on context=8: eqxpar's ring (and
+    all-gather) attention, tokens in `context_order`, against the plain model with
+    full attention under `jit`, its tokens split over the sequence by `NamedSharding`
+    (XLA partitions the attention). The loss is a mean over tokens, so the permuted
+    order computes the same loss and gradients."""
+    s = RING["smoke" if "smoke" in sizes else "full"]
+    x, y = tokens(s)
+    order = ep.nn.context_order(s.seq, 8)
+    template = PlainTransformer(s.config, key=jax.random.key(1))
+    mesh = {"data": 1, "context": 8}
+    spec = P("data", "context")
+    variants, model = {}, None
+    for strategy in ("ring", "all_gather"):
+        config = s.config.replace(context_parallel=strategy)
+        v, model = eqxpar_variant(
+            template, config, mesh, "dp", x[:, order], y[:, order], batch_spec=spec
+        )
+        variants[f"eqxpar {strategy}"] = v
+    plain = plain_variant(template, model, {"context": 8}, "replicated", x, y, P(None, "context"))
+    return Built(
+        title=f"Transformer, context parallelism, seq {s.seq}, batch {s.batch}, context=8",
+        variants={"jit auto (sequence split)": plain, **variants},
+        flops=flops_per_token(s.config, s.seq) * s.batch * s.seq,
+        tokens=s.batch * s.seq,
+        baselines=("jit auto (sequence split)",),
+    )
+
+
 def gpu_case(sizes: str) -> Built:
     """`--gpu`: one device, bf16 compute; the plain model with XLA's attention and with
     cuDNN's (`jax.nn.dot_product_attention(implementation="cudnn")`, XLA's on CPU),
@@ -447,5 +498,6 @@ CASES = {
     "transformer-t8": Case(8, side_by_side({"data": 1, "tensor": 8}, "megatron"), "TP"),
     "fsdp-data8": Case(8, side_by_side({"data": 8}, "fsdp", "fsdp"), "FSDP data=8"),
     "pipeline-d2t2p2": Case(8, pipeline_case, "1F1B pipeline vs the GSPMD layouts of 8 devices"),
+    "ring-c8": Case(8, ring_case, "ring attention vs full attention, seq 2048, context=8"),
     "gpu-1b": Case(1, gpu_case, "--gpu: ~1B Transformer, bf16, cuDNN attention", gpu=True),
 }
