@@ -158,6 +158,14 @@ def time_round_robin(
 
     Name -> median milliseconds.
     """
+    times = round_robin_times(calls, repeats=repeats, warmup=warmup)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def round_robin_times(
+    calls: dict[str, tuple[Callable, Sequence[Any]]], *, repeats: int, warmup: int
+) -> dict[str, list[float]]:
+    """`time_round_robin`'s loop: every timed call's wall time in ms, by name."""
     for fn, args in calls.values():
         for _ in range(warmup):
             jax.block_until_ready(fn(*args))
@@ -166,8 +174,8 @@ def time_round_robin(
         for name, (fn, args) in calls.items():
             start = time.perf_counter()
             jax.block_until_ready(fn(*args))
-            times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+            times[name].append(1e3 * (time.perf_counter() - start))
+    return times
 
 
 # -- checks ------------------------------------------------------------------------------

@@ -111,23 +111,6 @@ def peak_matmul(n: int, dtype: Any) -> tuple[Callable, tuple, int]:
     return jax.jit(lambda a: a @ a).lower(a).compile(), (a,), 2 * n**3
 
 
-def time_variants(calls: dict[str, tuple[Callable, Sequence]], *, repeats: int, warmup: int):
-    """Wall times in ms of each call, the calls timed in turn (`repeats` rounds after
-    `warmup` untimed calls each); returns name -> list of times."""
-    import jax
-
-    for fn, args in calls.values():
-        for _ in range(warmup):
-            jax.block_until_ready(fn(*args))
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(max(repeats, 1)):
-        for name, (fn, args) in calls.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[name].append(1e3 * (time.perf_counter() - start))
-    return times
-
-
 def memory_bytes(compiled: Any) -> int:
     """Per-device bytes of a compiled step: arguments + outputs + temporaries, less
     the outputs aliased to arguments (`memory_analysis()`)."""
@@ -175,7 +158,11 @@ def measure(built: Built, *, repeats: int, warmup: int, peak_dtype: Any) -> dict
         2048 if peak_dtype == "float32" else 8192, peak_dtype
     )
     calls = {n: (v.fn, v.args) for n, v in built.variants.items()}
-    times = time_variants({**calls, "_peak": (peak_fn, peak_args)}, repeats=repeats, warmup=warmup)
+    from _common import round_robin_times
+
+    times = round_robin_times(
+        {**calls, "_peak": (peak_fn, peak_args)}, repeats=repeats, warmup=warmup
+    )
     peak = peak_flops / (statistics.median(times.pop("_peak")) / 1e3)
     devices = jax.devices()
     # Simulated CPU devices share the host's cores, which the one-device matmul uses
