@@ -41,6 +41,23 @@ def test_a_case_checks_times_and_counts_its_variants(tmp_path, name):
     assert (tmp_path / "bench.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("name", ["classifier-d2t4", "ring-c8"])
+def test_the_cases_without_a_theory_check_and_time_their_variants(tmp_path, name):
+    # `check` exits unless every variant's loss and gradients match the baseline's, and
+    # `run_case` then returns the error text instead of the figures.
+    results = _harness.drive([name], folder=str(tmp_path), sizes="smoke", repeats=2, warmup=1)
+    result = results[name]
+    assert not isinstance(result, str), result
+    rows = result["rows"]
+    assert len(rows) >= 2
+    for row in rows:
+        assert row["loss_err"] <= 2e-4 and row["grad_err"] <= 2e-4
+        assert row["theory_bytes"] is None
+        assert row["collectives"] > 0 and row["coll_bytes"] > 0 and row["mem_bytes"] > 0
+        assert row["ms_min"] <= row["ms"] <= row["ms_max"]
+    assert [r["variant"] for r in rows if r["baseline"]] == [rows[0]["variant"]]
+
+
 def test_gpu_mode_runs_its_code_path_on_cpu(tmp_path):
     gpu = [n for n, c in _harness.all_cases().items() if c.gpu]
     results = _harness.drive(gpu, folder=str(tmp_path), sizes="gpu-smoke", repeats=1, warmup=0)
