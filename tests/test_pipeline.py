@@ -104,12 +104,16 @@ def test_only_permutes_and_final_sums_cross_stages():
     pipeline_ops = [r for r in report.records if "pipeline" in r.axes]
     kinds = {r.kind for r in pipeline_ops}
     assert kinds <= {"collective-permute", "all-reduce"}
-    # One permute forward and one backward per tick in the loop, each in a conditional
-    # that runs it only on the ticks where something arrives (the counter counts a
-    # conditional's branch once per tick: an upper bound).
+    # In the tick loop, one permute per set of stage pairs the table sends over (here
+    # stage 0 to 1 forward, 1 to 0 backward), each in a branch of a per-tick switch
+    # that selects it only on the ticks where that set receives something (the counter
+    # counts a branch once per tick: an upper bound).
+    assert table.send_pairs("F") == ((), ((0, 1),)) and table.send_pairs("B") == ((), ((1, 0),))
+    permutes = [r for r in pipeline_ops if r.kind == "collective-permute"]
+    assert sorted(len(r.pairs) for r in permutes) == [2, 2]  # one pair per data shard
     assert report.count("collective-permute", axis="pipeline") == 2 * table.num_ticks
     arrays = table.as_arrays()
-    sends = int(arrays["permute_f"].sum() + arrays["permute_b"].sum())
+    sends = int((arrays["permute_f"] > 0).sum() + (arrays["permute_b"] > 0).sum())
     assert sends == 2 * m  # one activation and one gradient per microbatch cross the boundary
     assert sends < 2 * table.num_ticks
     # All-reduces over the pipeline only after the loop: the loss and the gradients of

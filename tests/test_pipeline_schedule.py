@@ -221,7 +221,7 @@ def test_as_arrays_replays(schedule, p, m, split):
     assert set(arrays) == {"kind", "mb", "virt", "slot", "recv_f", "recv_b"} | flags | per_tick
     for name, x in arrays.items():
         assert x.shape == ((table.num_ticks,) if name in per_tick else (table.num_ticks, p)), name
-        assert x.dtype == (bool if name in flags | per_tick else np.int32), name
+        assert x.dtype == (bool if name in flags else np.int32), name
     kind, mb, virt, slot = arrays["kind"], arrays["mb"], arrays["virt"], arrays["slot"]
     v, w = table.virtual, table.split_backward
     assert (kind == 0).sum() == _idle(table)
@@ -231,9 +231,18 @@ def test_as_arrays_replays(schedule, p, m, split):
     # A slot is held from the input's arrival, which can precede its forward.
     assert table.max_in_flight() <= n_slots <= table.max_in_flight() + p
     assert slot.min() >= 0 and slot.max() == n_slots - 1
-    # A permute runs exactly on the ticks where something arrives.
-    for recv in ("f", "b"):
-        assert (arrays[f"permute_{recv}"] == (arrays[f"recv_{recv}"] >= 0).any(axis=1)).all()
+    # A permute runs exactly on the ticks where something arrives, over exactly the
+    # stage pairs whose target receives, each from its neighbouring chunk's stage.
+    for recv, step in (("f", 1), ("b", -1)):
+        sets = table.send_pairs(recv.upper())
+        assert sets[0] == () and len(set(sets)) == len(sets)
+        for t in range(table.num_ticks):
+            pairs = sets[arrays[f"permute_{recv}"][t]]
+            assert (
+                sorted(b for _, b in pairs)
+                == np.flatnonzero(arrays[f"recv_{recv}"][t] >= 0).tolist()
+            )
+            assert all(b == (a + step) % p for a, b in pairs)
     # Replay as the executor does: an arriving activation (or chunk 0's forward) fills
     # its slot, the forward reads it, B reads it (and its arrived gradient), W after B,
     # and the last of them frees it. No slot is overwritten while held.

@@ -57,10 +57,11 @@ def _compile(name):
     with jax.numpy_dtype_promotion("standard"):
         compiled = step.lower(state, x, x).compile()
     kw = dict(strategy=strategy, microbatches=m)
-    return (
-        communication_report(compiled, mesh, config, batch=batch, seq=SEQ, **kw),
-        step_memory_report(compiled, mesh, config, batch=batch, seq=SEQ, **kw),
-    )
+
+    def comm(**changes):  # the communication report, as the step's layout or another
+        return communication_report(compiled, mesh, config, batch=batch, seq=SEQ, **kw | changes)
+
+    return comm(), step_memory_report(compiled, mesh, config, batch=batch, seq=SEQ, **kw), comm
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,7 @@ def reports():
     ],
 )
 def test_communication_matches_the_theory(reports, name, axis):
-    comm, _ = reports(name)
+    comm, _, _ = reports(name)
     assert comm.axis_ratio(axis) == pytest.approx(1.0, abs=0.02), comm.table()
     for row in comm.rows:  # every kind the theory names, one by one
         if row.axes == (axis,) and row.theory and row.theory > 1024:
@@ -96,28 +97,37 @@ def test_communication_matches_the_theory(reports, name, axis):
 
 
 def test_tensor_parallel_counts_megatrons_four_all_reduces_per_layer(reports):
-    comm, _ = reports("tp")
+    comm, _, _ = reports("tp")
     act = 5 * SEQ * CONFIG.dim * 4  # one (b, s, h) float32 activation per data shard
     row = next(r for r in comm.rows if r.kind == "all-reduce" and r.axes == ("tensor",))
     assert row.theory == 18 * act + 3 * 5 * SEQ * 4  # 4 per layer, embedding, head, loss
     assert "tensor    all-reduce" in comm.table()
 
 
-def test_pipeline_sends_above_the_minimum_by_the_executors_ticks(reports):
-    # The tick-synchronous executor issues one permute each way per tick, under a
-    # conditional the counter cannot evaluate: it counts every tick of the split
-    # table, against the minimum of m sends each way per stage.
-    comm, _ = reports("1f1b")
-    ticks = OneFOneB().table(4, 4).split().num_ticks
+def test_pipeline_sends_only_what_the_schedule_carries(reports):
+    # One activation forward and one gradient backward per microbatch and stage
+    # boundary: 2 m (p - 1) sends of a (b/m, s, h) microbatch, over p devices.
+    comm, _, again = reports("1f1b")
+    table = OneFOneB().table(4, 4).split()
     row = next(r for r in comm.rows if r.kind == "collective-permute")
-    assert row.count == 2 * ticks
-    assert row.ratio == pytest.approx(ticks / 4)
+    mb_act = 16 // 2 // 4 * SEQ * CONFIG.dim * 4  # a microbatch on one data shard, float32
+    assert row.measured == 2 * 4 * 3 * mb_act / 4 == row.theory
+    # The permutes run on the 19 ticks where some stage receives, each over the stage
+    # pairs that carry data that tick (one stage in 1F1B's steady state, not all three).
+    arrays = table.as_arrays()
+    assert row.count == int((arrays["permute_f"] > 0).sum() + (arrays["permute_b"] > 0).sum())
+    assert row.count == 19 < 2 * table.num_ticks
     assert comm.ratio("all-reduce", "pipeline") == pytest.approx(1.0, abs=0.02)
+    # A report for another schedule or microbatch count than the step's says so.
+    with pytest.raises(ValueError, match="pass the step's `schedule` and `microbatches`"):
+        again(microbatches=8)
+    with pytest.raises(ValueError, match="are not those of gpipe with 4 microbatches"):
+        again(schedule="gpipe")
 
 
 @pytest.mark.parametrize("name", ["dp", "fsdp", "tp+sp", "1f1b", "tp", "fsdp+accumulate"])
 def test_memory_estimate_within_15_percent(reports, name):
-    _, memory = reports(name)
+    _, memory, _ = reports(name)
     assert memory.ratio == pytest.approx(1.0, abs=0.15), memory.table()
     # The model states are exact: arguments are the parameters, Adam's moments, batch.
     assert memory.arguments == pytest.approx(memory.estimate.arguments, rel=0.01)

@@ -21,9 +21,10 @@ buffers that kind changes (`_when`).
 A model that wants less memory checkpoints its layer function (`eqxpar.nn.remat`):
 the residuals are then the layers' inputs, recomputed from in `B` and `W`.
 
-Collectives over the pipeline axis are one `ppermute` forward and one backward per
-tick, each only on the ticks where some device receives something, and, at the end,
-the sums of the loss and of the gradients of the first and last stage's parameters
+Collectives over the pipeline axis are at most one `ppermute` forward and one backward
+per tick, each over only the stage pairs that carry data at that tick (a `lax.switch`
+over the table's `send_pairs`, nothing on ticks where no device receives), and, at the
+end, the sums of the loss and of the gradients of the first and last stage's parameters
 (held on every stage).
 """
 
@@ -387,22 +388,22 @@ class _Ticks:
         gsp = jax.tree.map(lambda a, d: a.at[virt].add(d.astype(a.dtype)), carry.grad_stage, dws)
         return carry._replace(grad_stage=gsp)
 
-    def permute(self, flag: jax.Array, value: jax.Array, step: int) -> jax.Array:
-        """`value` from the neighbour `step` stages back, on the ticks that `flag` says
-        something arrives (zeros otherwise, with no communication)."""
-        p, v = self.table.stages, self.table.virtual
-        pairs = [(i, i + step) for i in range(p) if 0 <= i + step < p]
-        if v > 1:  # the next chunk of the last stage is on the first: a ring
-            pairs = _ring(p, step)
-        return lax.cond(
-            flag, lambda: self.act(lax.ppermute(value, self.axis, pairs)), self.zero_act
-        )
+    def permute(self, index: jax.Array, value: jax.Array, direction: str) -> jax.Array:
+        """What arrives from the neighbouring stages at this tick: `value` sent over the
+        stage pairs `table.send_pairs(direction)[index]` (zeros on the devices outside
+        them). Index 0, the empty set, sends nothing."""
+
+        def send(pairs: tuple) -> Callable[[], jax.Array]:
+            return lambda: self.act(lax.ppermute(value, self.axis, list(pairs)))
+
+        sets = self.table.send_pairs(direction)
+        return lax.switch(index, [self.zero_act, *(send(x) for x in sets[1:])])
 
     def tick(self, carry: _Carry, t: jax.Array, backward: bool) -> _Carry:
         """Stores what arrived from the neighbours, then runs this device's action, each
         kind under its own `_when` (at most one of them is taken)."""
         row = {k: a[t, self.me] for k, a in self.program.items() if a.ndim == 2}
-        arrived = self.permute(self.program["permute_f"][t], carry.send_f, +1)
+        arrived = self.permute(self.program["permute_f"][t], carry.send_f, "F")
         carry = carry._replace(inputs=_store(carry.inputs, row["recv_f"], arrived))
         kind = row["kind"]
 
@@ -411,7 +412,7 @@ class _Ticks:
 
         if not backward:
             return _when(kind == 1, forward, carry, ("send_f", "loss"))
-        arrived = self.permute(self.program["permute_b"][t], carry.send_b, -1)
+        arrived = self.permute(self.program["permute_b"][t], carry.send_b, "B")
         carry = carry._replace(grads_in=_store(carry.grads_in, row["recv_b"], arrived))
 
         def input_grad(carry: _Carry) -> _Carry:
@@ -475,10 +476,6 @@ def _execute(
 def _axes(aval: Any) -> set[str]:
     mat = getattr(aval, "manual_axis_type", None)
     return set() if mat is None else set(mat.varying)
-
-
-def _ring(p: int, step: int) -> list[tuple[int, int]]:
-    return [(i, (i + step) % p) for i in range(p)]
 
 
 def _match(grad: Any, primal: Any) -> Any:

@@ -448,18 +448,18 @@ class TickTable:
         - `"recv_b"` (int32): the slot that stores the output gradient arriving at this
           tick (sent by the next chunk's `B` one tick earlier), or -1.
 
-        Of shape `(num_ticks,)`, `"permute_f"` and `"permute_b"` (bool): some device
-        receives an activation (a gradient) at this tick, so the executor's permute
-        runs; on the other ticks nothing is sent.
+        Of shape `(num_ticks,)`, `"permute_f"` and `"permute_b"` (int32): which of
+        `send_pairs("F")` (`send_pairs("B")`) carries the activations (gradients)
+        arriving at this tick; 0, the empty set, on ticks where nothing arrives.
 
-        Idle entries hold 0 in the int arrays (-1 in `recv_*`) and `False` in the
-        flags; mask with `kind`. Raises `ValueError` (from `validate()`) for an invalid
+        Idle entries hold 0 in the int arrays (-1 in `recv_*`) and `False` in the bool
+        ones; mask with `kind`. Raises `ValueError` (from `validate()`) for an invalid
         table.
         """
         return {k: a.copy() for k, a in self._program.items()}
 
     @functools.cached_property
-    def _program(self) -> dict[str, np.ndarray]:
+    def _compiled(self) -> tuple[dict[str, np.ndarray], dict[str, tuple]]:
         self.validate()
         p, v, ticks = self.stages, self.virtual, self.num_ticks
         n_chunks = p * v
@@ -470,6 +470,7 @@ class TickTable:
         }
         out |= {k: np.zeros((ticks, p), bool) for k in ("first_chunk", "last_chunk")}
         out |= {k: np.full((ticks, p), -1, np.int32) for k in ("recv_f", "recv_b")}
+        sends = {d: [set() for _ in range(ticks)] for d in "FB"}
         for (kind, mb, g), (t, s) in when.items():
             out["kind"][t, s] = KINDS.index(kind) + 1
             out["mb"][t, s], out["virt"][t, s] = mb, g // p
@@ -479,9 +480,27 @@ class TickTable:
             to = _target(Action(kind, mb, g // p), s, p, n_chunks)  # pyright: ignore
             if to is not None and t + 1 < ticks:
                 out["recv_f" if kind == "F" else "recv_b"][t + 1, to % p] = slot_of[(mb, to)]
-        out["permute_f"] = np.asarray((out["recv_f"] >= 0).any(axis=1))
-        out["permute_b"] = np.asarray((out["recv_b"] >= 0).any(axis=1))
-        return out
+                sends[kind][t + 1].add((s, to % p))
+        sets = {}
+        for d in "FB":
+            per_tick = [tuple(sorted(x)) for x in sends[d]]
+            sets[d] = ((), *sorted(set(per_tick) - {()}, key=lambda x: (len(x), x)))
+            out[f"permute_{d.lower()}"] = np.asarray([sets[d].index(x) for x in per_tick], np.int32)
+        return out, sets
+
+    @property
+    def _program(self) -> dict[str, np.ndarray]:
+        return self._compiled[0]
+
+    def send_pairs(self, direction: str) -> tuple[tuple[tuple[int, int], ...], ...]:
+        """The distinct sets of `(source stage, target stage)` pairs that carry data on
+        some tick, forward (`"F"`: activations) or backward (`"B"`: gradients); the
+        first is the empty set, the others sorted by size. `as_arrays()["permute_f"][t]`
+        (`"permute_b"`) indexes this tuple: the executor's tick `t` runs the permute of
+        that set, so only the stage boundaries with something to send communicate."""
+        if direction not in ("F", "B"):
+            raise ValueError(f"send_pairs(direction={direction!r}): use 'F' or 'B'.")
+        return self._compiled[1][direction]
 
     def __str__(self) -> str:
         """A text chart: one line per stage, one column per tick, `.` for idle."""

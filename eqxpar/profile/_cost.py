@@ -318,9 +318,10 @@ def communication_theory(config: Any, layout: Layout, *, batch: int, seq: int) -
     - data: DP all-reduces the gradients once; ZeRO-1 adds an all-gather of the updated
       parameters; ZeRO-2 reduce-scatters instead; FSDP all-gathers each layer forward
       and backward;
-    - pipeline: one `b*s*h` send per microbatch each way per stage (a device sends
-      its whole batch shard's activations forward and gradients backward), and the sum
-      of the gradients of the parameters every stage holds.
+    - pipeline: one `b*s*h` send per microbatch each way per stage boundary (its
+      whole batch shard's activations forward and gradients backward), averaged over
+      the `p` stages (`p-1` boundaries), and the sum of the gradients of the parameters
+      every stage holds.
     """
     p = params(config, layout)
     pb, ab = _bytes(config.param_dtype), _bytes(config.compute_dtype)
@@ -332,7 +333,7 @@ def communication_theory(config: Any, layout: Layout, *, batch: int, seq: int) -
     if layout.data > 1:
         out |= _data_comm(config, layout, p, pb)
     if layout.pipeline > 1:
-        out[("collective-permute", "pipeline")] = 2 * act
+        out[("collective-permute", "pipeline")] = 2 * act * (layout.pipeline - 1) / layout.pipeline
         outer = p.outer_split + p.outer_whole  # FSDP sums the data-split blocks only
         if layout.strategy == "fsdp" and layout.data > 1:
             outer -= (p.data_split - p.layers_data_split) * (1 - 1 / layout.data)
@@ -404,6 +405,8 @@ def step_times(config: Any, layout: Layout, hw: Hardware, *, batch: int, seq: in
     for (kind, axis), nbytes in communication_theory(config, layout, batch=batch, seq=seq).items():
         far = crosses_hosts(layout, axis, hw.devices_per_host)
         bandwidth = hw.inter_bandwidth if far else hw.intra_bandwidth
+        if kind == "collective-permute":  # a middle stage's, not the average over stages
+            nbytes *= sizes[axis] / (sizes[axis] - 1)
         comm[axis] += nbytes * ring_factor(kind, sizes[axis]) / bandwidth
     data = max(0.0, comm["data"] - compute)
     total = compute + bubble + comm["tensor"] + comm["pipeline"] + data

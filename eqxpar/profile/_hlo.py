@@ -34,7 +34,8 @@ _PAIRS_RE = re.compile(r"source_target_pairs=\{((?:\s*\{\d+,\s*\d+\},?)*)\s*\}")
 class CollectiveRecord:
     """One collective instruction: `count` executions per program call (loop trip counts
     applied), `nbytes` per-device output bytes per execution, `axes` as in
-    `count_collectives`, and where it lives (`computation`, `name`, `shape`)."""
+    `count_collectives`, where it lives (`computation`, `name`, `shape`), and for a
+    `collective-permute` its `(source, target)` partition-id `pairs` (else empty)."""
 
     kind: str
     axes: tuple[str, ...]
@@ -43,6 +44,7 @@ class CollectiveRecord:
     computation: str
     name: str
     shape: str
+    pairs: tuple[tuple[int, int], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,20 +359,28 @@ def _mesh_groups(axes_spec: str, device_ids: str | None, selected: str) -> list[
     return ids.reshape(factors).transpose(rest + chosen).reshape(-1, size).tolist()
 
 
-def _components(pairs: list[tuple[str, str]]) -> list[list[int]]:
+def _components(pairs: tuple[tuple[int, int], ...]) -> list[list[int]]:
     """Connected components of the devices linked by `collective-permute` pairs."""
     groups: list[set[int]] = []
-    for pair in ({int(source), int(target)} for source, target in pairs):
+    for pair in ({source, target} for source, target in pairs):
         linked = [g for g in groups if g & pair]
         groups = [g for g in groups if not g & pair] + [pair.union(*linked)]
     return sorted(sorted(g) for g in groups)
 
 
+def _pairs(attrs: str) -> tuple[tuple[int, int], ...]:
+    """A `collective-permute`'s `(source, target)` pairs (empty for other ops)."""
+    if (match := _PAIRS_RE.search(attrs)) is None:
+        return ()
+    found = re.findall(r"\{(\d+),\s*(\d+)\}", match.group(1))
+    return tuple((int(source), int(target)) for source, target in found)
+
+
 def _groups(attrs: str, num_devices: int) -> list[list[int]]:
     """The device groups of a collective; for a `collective-permute`, the connected
     components of its source-target pairs."""
-    if (match := _PAIRS_RE.search(attrs)) is not None:
-        return _components(re.findall(r"\{(\d+),\s*(\d+)\}", match.group(1)))
+    if _PAIRS_RE.search(attrs) is not None:
+        return _components(_pairs(attrs))
     if (match := _IOTA_RE.search(attrs)) is not None:
         count, size = int(match.group(1)), int(match.group(2))
         return _iota(match.group(3), match.group(4)).reshape(count, size).tolist()
@@ -482,6 +492,7 @@ def count_collectives(hlo: Any, mesh: Any = None) -> CollectiveReport:
             comp,
             instr.name,
             instr.shape,
+            _pairs(instr.attrs),
         )
         for comp in reversed(order)
         for instr in module.comps[comp].values()

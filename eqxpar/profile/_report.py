@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
+
 from ._cost import Layout, MemoryEstimate, communication_theory, estimate_memory
-from ._hlo import count_collectives
+from ._hlo import _mesh_layout, count_collectives
 
 
 def layout_of(
@@ -73,10 +75,11 @@ class CommRow:
 class CommunicationReport:
     """A compiled step's collectives beside the analytic minimum (`communication_theory`),
     per collective kind and mesh axis. Bytes are `count_collectives`' measure: each
-    op's per-device result bytes, summed over its executions (loops by trip count;
-    both branches of a conditional). The pipeline executor runs each tick's actions and
-    permutes under conditionals, so with a pipeline every collective inside the tick
-    loop is counted on every tick: an upper bound, above the theory.
+    op's per-device result bytes, summed over its executions (loops by trip count), a
+    `collective-permute`'s averaged over the devices (one outside its pairs receives
+    nothing). The pipeline executor's permutes sit in per-tick `lax.switch` branches,
+    one per set of stage pairs that carry data (`TickTable.send_pairs`); each is
+    counted on the ticks of the schedule's table that select it.
 
     **Fields:** `layout`, `rows` (`CommRow`s, sorted by axis then kind).
     """
@@ -139,11 +142,14 @@ def communication_report(
     """
     lay = layout_of(mesh, config, **layout)
     theory = communication_theory(config, lay, batch=batch, seq=seq)
-    measured: dict[tuple[str, tuple[str, ...]], list[int]] = {}
-    for r in count_collectives(compiled, mesh).records:
-        row = measured.setdefault((r.kind, r.axes), [0, 0])
-        row[0] += r.count
-        row[1] += r.count * r.nbytes
+    records = count_collectives(compiled, mesh).records
+    measured = _measure([r for r in records if r.axes != ("pipeline",)], mesh)
+    if lay.pipeline > 1:
+        pipe = [r for r in records if r.axes == ("pipeline",)]
+        measured |= _measure([r for r in pipe if r.kind != "collective-permute"], mesh)
+        sends = [r for r in pipe if r.kind == "collective-permute"]
+        if sends:
+            measured[("collective-permute", ("pipeline",))] = _pipeline_sends(sends, mesh, lay)
     keys = set(measured) | {(kind, (axis,)) for kind, axis in theory}
     rows = []
     for kind, axes in keys:
@@ -152,6 +158,66 @@ def communication_report(
         rows.append(CommRow(kind, axes, count, nbytes, expected))
     rows.sort(key=lambda r: (r.axes, r.kind))
     return CommunicationReport(lay, tuple(rows))
+
+
+def _measure(records: list, mesh: Any) -> dict[tuple[str, tuple[str, ...]], tuple[int, int]]:
+    """`(count, bytes)` per `(kind, axes)`: executions and per-device bytes summed, a
+    permute's bytes averaged over the devices (those outside its pairs receive none)."""
+    out: dict[tuple[str, tuple[str, ...]], tuple[int, int]] = {}
+    for r in records:
+        count, nbytes = out.get((r.kind, r.axes), (0, 0))
+        out[(r.kind, r.axes)] = (count + r.count, nbytes + r.count * _received(r, mesh))
+    return out
+
+
+def _received(record: Any, mesh: Any) -> int:
+    """Bytes one execution of `record` delivers per device, averaged over the mesh."""
+    if record.kind != "collective-permute":
+        return record.nbytes
+    return record.nbytes * len(record.pairs) // int(np.prod(_mesh_layout(mesh)[1]))
+
+
+def _pipeline_sends(records: list, mesh: Any, layout: Layout) -> tuple[int, int]:
+    """`(count, bytes)` of the pipeline executor's permutes. Each sits in a branch of a
+    per-tick `lax.switch` over the schedule's stage-pair sets (`TickTable.send_pairs`),
+    which the counter cannot evaluate; each runs on the ticks of the split table that
+    select its set, so that table gives its executions."""
+    from ..pipeline import GPipe, OneFOneB
+
+    schedule = {"1f1b": OneFOneB(), "gpipe": GPipe()}[layout.schedule]
+    table = schedule.table(layout.pipeline, layout.microbatches).split()
+    arrays, ticks = table.as_arrays(), {}
+    for d in "FB":
+        for index, pairs in enumerate(table.send_pairs(d)):
+            n = int((arrays[f"permute_{d.lower()}"] == index).sum())
+            ticks[pairs] = ticks.get(pairs, 0) + n
+    stage = _coordinate(mesh, "pipeline")
+    by_set: dict[tuple, set[int]] = {}
+    for r in records:
+        pairs = tuple(sorted({(stage[a], stage[b]) for a, b in r.pairs}))
+        by_set.setdefault(pairs, set()).add(_received(r, mesh))
+    loops = {r.count for r in records}
+    if set(by_set) != {x for x, n in ticks.items() if n and x} or loops != {table.num_ticks}:
+        raise ValueError(
+            f"The step's pipeline permutes (over stage pairs {sorted(by_set)}, in a loop "
+            f"of {sorted(loops)} ticks) are not those of {layout.schedule} with "
+            f"{layout.microbatches} microbatches on {layout.pipeline} stages "
+            f"({table.num_ticks} ticks); pass the step's `schedule` and `microbatches` "
+            "to communication_report."
+        )
+    count = nbytes = 0
+    for pairs, sizes in by_set.items():
+        if len(sizes) > 1:
+            raise ValueError(f"The pipeline permutes over stages {pairs} differ in size.")
+        count, nbytes = count + ticks[pairs], nbytes + ticks[pairs] * sizes.pop()
+    return count, nbytes
+
+
+def _coordinate(mesh: Any, axis: str) -> list[int]:
+    """Each partition id's index along `axis` of `mesh` (ids in row-major mesh order)."""
+    names, shape = _mesh_layout(mesh)
+    ids = np.arange(int(np.prod(shape)))
+    return np.unravel_index(ids, shape)[names.index(axis)].tolist()
 
 
 @dataclasses.dataclass(frozen=True)
