@@ -22,11 +22,11 @@ comma := ,
 train: $(VENV)/.stamp-examples
 	$(PY) examples/train_transformer.py --devices $(DEVICES)
 
-test: $(VENV)/.stamp-dev+examples
+test: $(VENV)/.stamp-dev+examples+docs
 	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile
 
 # Exit code 5 means "no test was marked slow", which is fine.
-test-slow: $(VENV)/.stamp-dev+examples
+test-slow: $(VENV)/.stamp-dev+examples+docs
 	$(PY) -m pytest -q -m slow -n 2 --dist loadfile || [ $$? -eq 5 ]
 
 lint: $(VENV)/.stamp-dev

@@ -1,6 +1,7 @@
 """MkDocs hook: draws the pipeline schedules' Gantt charts, the partition maps of
 `docs/seeing.md` and the loss curve of `docs/quickstart.md` into the docs build,
-includes `benchmarks/RESULTS.md` in the Benchmarks page, and serves MathJax from the
+includes `benchmarks/RESULTS.md` in the Benchmarks page with a chart of
+`benchmarks/RESULTS.json` (drawn by `benchmarks/_harness.chart`), and serves MathJax from the
 site itself when it is installed.
 
 `docs/pipeline.md` shows the tick tables of `GPipe()`, `OneFOneB()` and
@@ -65,6 +66,7 @@ def _render() -> dict[str, bytes]:
             out[f"{IMAGES}/{name}"] = path.read_bytes()
         out.update(_maps(pathlib.Path(tmp)))
         out.update(_loss_curve(pathlib.Path(tmp)))
+        out.update(_benchmark_chart(pathlib.Path(tmp)))
     return out
 
 
@@ -204,10 +206,57 @@ def _results_markdown() -> str:
 
 
 def on_page_markdown(markdown: str, page: Page, config: MkDocsConfig, files: Files) -> str:
-    """Puts `benchmarks/RESULTS.md` in place of its marker."""
+    """Puts `benchmarks/RESULTS.md` and the chart of `benchmarks/RESULTS.json` in place
+    of their markers."""
+    if CHART_MARKER in markdown:
+        markdown = markdown.replace(CHART_MARKER, _chart_markdown())
     if MARKER in markdown:
         return markdown.replace(MARKER, _results_markdown())
     return markdown
+
+
+# --- Benchmarks: the chart of benchmarks/RESULTS.json, drawn at build time -------------
+
+RESULTS_JSON = ROOT / "benchmarks" / "RESULTS.json"
+CHART_MARKER = "<!-- benchmarks/RESULTS.json chart -->"
+CHART = f"{IMAGES}/benchmarks.png"
+
+
+def _benchmark_chart(tmp: pathlib.Path) -> dict[str, bytes]:
+    """`benchmarks/_harness.chart` of the committed results (none without the file)."""
+    import importlib.util
+    import json
+    import sys
+
+    if not RESULTS_JSON.is_file():
+        return {}
+    sys.path.insert(0, str(RESULTS_JSON.parent))  # _harness imports its siblings
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "_harness", RESULTS_JSON.parent / "_harness.py"
+        )
+        assert spec is not None and spec.loader is not None
+        harness = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = harness  # its dataclasses look their module up
+        spec.loader.exec_module(harness)
+    finally:
+        sys.path.remove(str(RESULTS_JSON.parent))
+    path = tmp / "benchmarks.png"
+    harness.chart(json.loads(RESULTS_JSON.read_text()), str(path))
+    return {CHART: path.read_bytes()}
+
+
+def _chart_markdown() -> str:
+    """The chart's image, or a note when `benchmarks/RESULTS.json` is missing."""
+    if not RESULTS_JSON.is_file():
+        return (
+            '!!! warning "No chart yet"\n    `benchmarks/RESULTS.json` was not found when '
+            "this site was built, so there is no chart here. `make bench` writes it.\n"
+        )
+    return (
+        "![Step time of every variant over its case's fastest baseline, one bar each; "
+        f"grey bars are the baselines]({CHART})\n"
+    )
 
 
 # --- MathJax, served from the site when installed, the CDN otherwise -------------------

@@ -12,6 +12,7 @@ import __future__
 import contextlib
 import dataclasses
 import io
+import json
 import pathlib
 import re
 import sys
@@ -233,6 +234,28 @@ def test_benchmarks_page_includes_results(tmp_path, monkeypatch):
     assert "*(gone: not in the repository)*" in shown and "[script]" not in shown
     assert "[web](https://x.org)" in shown
     assert hooks._benchmark_files() == {"benchmarks-files/chart.png": tmp_path / "chart.png"}
+
+
+def test_benchmark_chart_is_drawn_from_the_committed_results(tmp_path, monkeypatch):
+    pytest.importorskip("mkdocs")
+    hooks = _hooks()
+    page = (DOCS / "benchmarks.md").read_text()
+    assert hooks.CHART_MARKER in page
+    # RESULTS.json is the run RESULTS.md's table shows: every variant's ms/step is there.
+    results = json.loads(hooks.RESULTS_JSON.read_text())
+    table = hooks.RESULTS.read_text()
+    for case, result in results.items():
+        for row in result["rows"]:
+            line = next(x for x in table.splitlines() if f"| {case} / {row['variant']} " in x)
+            assert f"| {row['ms']:>7.1f} |" in line, (case, row["variant"])
+    png = hooks._benchmark_chart(tmp_path)[hooks.CHART]
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert f"]({hooks.CHART})" in hooks.on_page_markdown(page, None, None, None)
+    monkeypatch.setattr(hooks, "RESULTS_JSON", tmp_path / "missing.json")
+    assert hooks._benchmark_chart(tmp_path) == {}
+    assert "`benchmarks/RESULTS.json` was not found" in hooks.on_page_markdown(
+        page, None, None, None
+    )
 
 
 @pytest.mark.slow
