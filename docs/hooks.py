@@ -224,25 +224,18 @@ CHART = f"{IMAGES}/benchmarks.png"
 
 def _benchmark_chart(tmp: pathlib.Path) -> dict[str, bytes]:
     """`benchmarks/_harness.chart` of the committed results (none without the file)."""
-    import importlib.util
     import json
     import sys
 
     if not RESULTS_JSON.is_file():
         return {}
-    sys.path.insert(0, str(RESULTS_JSON.parent))  # _harness imports its siblings
+    sys.path.insert(0, str(RESULTS_JSON.parent))  # benchmarks/ is not a package
     try:
-        spec = importlib.util.spec_from_file_location(
-            "_harness", RESULTS_JSON.parent / "_harness.py"
-        )
-        assert spec is not None and spec.loader is not None
-        harness = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = harness  # its dataclasses look their module up
-        spec.loader.exec_module(harness)
+        import _harness
     finally:
         sys.path.remove(str(RESULTS_JSON.parent))
     path = tmp / "benchmarks.png"
-    harness.chart(json.loads(RESULTS_JSON.read_text()), str(path))
+    _harness.chart(json.loads(RESULTS_JSON.read_text()), str(path))
     return {CHART: path.read_bytes()}
 
 

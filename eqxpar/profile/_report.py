@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ._cost import Layout, MemoryEstimate, communication_theory, estimate_memory
+from ._cost import Layout, MemoryEstimate, _table, communication_theory, estimate_memory
 from ._hlo import _mesh_layout, count_collectives
 
 
@@ -182,10 +182,7 @@ def _pipeline_sends(records: list, mesh: Any, layout: Layout) -> tuple[int, int]
     per-tick `lax.switch` over the schedule's stage-pair sets (`TickTable.send_pairs`),
     which the counter cannot evaluate; each runs on the ticks of the split table that
     select its set, so that table gives its executions."""
-    from ..pipeline import GPipe, OneFOneB
-
-    schedule = {"1f1b": OneFOneB(), "gpipe": GPipe()}[layout.schedule]
-    table = schedule.table(layout.pipeline, layout.microbatches).split()
+    table = _table(layout.schedule, layout.pipeline, layout.microbatches).split()
     arrays, ticks = table.as_arrays(), {}
     for d in "FB":
         for index, pairs in enumerate(table.send_pairs(d)):
