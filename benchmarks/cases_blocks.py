@@ -129,14 +129,13 @@ def megatron_spec(path: str, ndim: int) -> P:
 
 def classifier_variants(mesh: Any, x: np.ndarray, y: np.ndarray, dims: tuple) -> dict:
     opt = optax.adamw(1e-3, b1=B1, weight_decay=0.01)
-    state = init_state(
-        TPClassifier, *dims, key=jax.random.key(0), optimizer=opt, mesh=mesh, strategy="dp"
-    )
-    step = make_train_step(lambda m, x, y, key: _ce(m(x), y), opt, mesh=mesh)
     batch = NamedSharding(mesh, P("data"))
     xs, ys = jax.device_put(x, batch), jax.device_put(y, batch)
-    ours, ours_s = compile_timed(step, state, xs, ys)
-    plain = PlainClassifier(jax.device_get(state.model), key=jax.random.key(0))
+    ours = {
+        name: eqxpar_classifier(mesh, opt, dims, xs, ys, sequence_parallel=sp)
+        for name, sp in (("eqxpar", False), ("eqxpar SP", True))
+    }
+    plain = PlainClassifier(jax.device_get(ours["eqxpar"].args[0].model), key=jax.random.key(0))
     params, static = eqx.partition(plain, eqx.is_array)
     params = jax.tree_util.tree_map_with_path(
         lambda p, a: jax.device_put(
@@ -158,22 +157,43 @@ def classifier_variants(mesh: Any, x: np.ndarray, y: np.ndarray, dims: tuple) ->
         return jax.lax.with_sharding_constraint(new, shardings), loss
 
     base, base_s = compile_timed(plain_step, params, opt_state, xs, ys)
-    moments = lambda s: s[0].mu  # adamw: (ScaleByAdamState, decay, lr)  # noqa: E731
 
     def probe_base() -> tuple[Any, Any]:
         (_, new), loss = base(params, opt_state, xs, ys)
-        return loss, jax.tree.map(lambda m: m / (1 - B1), moments(new))
-
-    def probe_ours() -> tuple[Any, Any]:
-        new, metrics = ours(state, xs, ys)
-        mu = jax.tree.map(lambda m: m / (1 - B1), moments(new.opt_state))
-        return metrics["loss"], eqx.filter(PlainClassifier(mu, key=jax.random.key(0)), eqx.is_array)
+        return loss, jax.tree.map(lambda m: m / (1 - B1), _moments(new))
 
     base_args = (params, opt_state, xs, ys)
-    return {
-        "jit auto (megatron)": Variant(base, base_args, base, mesh, base_s, probe_base),
-        "eqxpar": Variant(ours, (state, xs, ys), ours, mesh, ours_s, probe_ours),
-    }
+    return {"jit auto (megatron)": Variant(base, base_args, base, mesh, base_s, probe_base), **ours}
+
+
+def _moments(opt_state: Any) -> Any:
+    return opt_state[0].mu  # adamw: (ScaleByAdamState, decay, lr)
+
+
+def eqxpar_classifier(
+    mesh: Any, opt: Any, dims: tuple, xs: Any, ys: Any, *, sequence_parallel: bool
+) -> Variant:
+    """`models.TPClassifier`'s train step (key 0's weights, whatever `sequence_parallel`);
+    its probe returns the loss and the bias-corrected first moments (the gradients) as
+    a `PlainClassifier`, to compare with the baseline's."""
+    state = init_state(
+        TPClassifier,
+        *dims,
+        sequence_parallel=sequence_parallel,
+        key=jax.random.key(0),
+        optimizer=opt,
+        mesh=mesh,
+        strategy="dp",
+    )
+    step = make_train_step(lambda m, x, y, key: _ce(m(x), y), opt, mesh=mesh)
+    compiled, seconds = compile_timed(step, state, xs, ys)
+
+    def probe() -> tuple[Any, Any]:
+        new, metrics = compiled(state, xs, ys)
+        mu = jax.tree.map(lambda m: m / (1 - B1), _moments(new.opt_state))
+        return metrics["loss"], eqx.filter(PlainClassifier(mu, key=jax.random.key(0)), eqx.is_array)
+
+    return Variant(compiled, (state, xs, ys), compiled, mesh, seconds, probe)
 
 
 def classifier_case(sizes: str) -> Built:

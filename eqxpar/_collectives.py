@@ -133,6 +133,11 @@ def reduce_from_region(x: jax.Array, axis_name: AxisName) -> jax.Array:
 
 def _split(x: jax.Array, axis: AxisName, dim: int) -> jax.Array:
     n = shard_count(axis)
+    if x.shape[dim] % n:
+        raise ValueError(
+            f"scatter_to_region: dim {dim} has size {x.shape[dim]}, which does not split "
+            f"over {axis!r} ({n} devices); make it a multiple of {n}."
+        )
     size = x.shape[dim] // n
     return lax.dynamic_slice_in_dim(x, shard_index(axis) * size, size, axis=dim)
 

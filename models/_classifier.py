@@ -9,7 +9,7 @@ import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 import eqxpar as ep
-from eqxpar.collectives import axis_size
+from eqxpar.collectives import axis_size, gather_from_region, scatter_to_region
 from eqxpar.nn import ColumnParallelLinear, RowParallelLinear, apply_layer, scan_layers
 from eqxpar.pipeline import AbstractSchedule, batch_pipeline_loss
 
@@ -59,11 +59,24 @@ class _Block(eqx.Module):
     up: ColumnParallelLinear
     down: RowParallelLinear
 
-    def __init__(self, width: int, hidden: int, axis_name: str, *, key: PRNGKeyArray):
+    def __init__(
+        self,
+        width: int,
+        hidden: int,
+        axis_name: str,
+        *,
+        sequence_parallel: bool = False,
+        key: PRNGKeyArray,
+    ):
         k1, k2 = jax.random.split(key)
+        sp = sequence_parallel
         self.norm = eqx.nn.LayerNorm(width)
-        self.up = ColumnParallelLinear(width, hidden, axis_name=axis_name, key=k1)
-        self.down = RowParallelLinear(hidden, width, axis_name=axis_name, key=k2)
+        self.up = ColumnParallelLinear(
+            width, hidden, sequence_parallel=sp, axis_name=axis_name, key=k1
+        )
+        self.down = RowParallelLinear(
+            hidden, width, sequence_parallel=sp, axis_name=axis_name, key=k2
+        )
 
     def __call__(self, x: Array) -> Array:
         h = jax.vmap(self.norm)(x)
@@ -77,12 +90,21 @@ class TPClassifier(eqx.Module):
     -> RowParallelLinear(head)`. Each block costs one all-reduce over `axis_name`
     forward and one backward; the head splits its input features so any number of
     classes works. Trains with DP x TP: shard the batch over `"data"`.
+
+    With `sequence_parallel=True` (Megatron's sequence parallelism, the rows playing
+    the sequence) the residual stream between the embedding and the head is split by
+    rows over `axis_name`, so the LayerNorms and residual adds run on `1/t` of the rows;
+    each block's all-reduce becomes an all-gather before `up` and a reduce-scatter after
+    `down`, the same bytes. The weights are the same either way; the rows per device
+    must be a multiple of the tensor size.
     """
 
     embed: ColumnParallelLinear
     blocks: list[_Block]
     norm: eqx.nn.LayerNorm
     head: RowParallelLinear
+    sequence_parallel: bool = eqx.field(static=True)
+    axis_name: str = eqx.field(static=True)
 
     def __init__(
         self,
@@ -92,6 +114,7 @@ class TPClassifier(eqx.Module):
         hidden: int = 256,
         depth: int = 2,
         *,
+        sequence_parallel: bool = False,
         axis_name: str = ep.TENSOR,
         key: PRNGKeyArray,
     ):
@@ -103,6 +126,8 @@ class TPClassifier(eqx.Module):
           embedding and head).
         - `hidden`: MLP hidden size, split over `axis_name`.
         - `depth`: number of residual blocks.
+        - `sequence_parallel`: split the residual stream's rows over `axis_name`
+          between the embedding and the head (see above).
         - `axis_name`: the tensor-parallel mesh axis.
         - `key`: PRNG key.
         """
@@ -110,18 +135,26 @@ class TPClassifier(eqx.Module):
         self.embed = ColumnParallelLinear(
             in_features, width, gather_output=True, axis_name=axis_name, key=ke
         )
-        self.blocks = [_Block(width, hidden, axis_name, key=k) for k in kb]
+        self.blocks = [
+            _Block(width, hidden, axis_name, sequence_parallel=sequence_parallel, key=k) for k in kb
+        ]
         self.norm = eqx.nn.LayerNorm(width)
         self.head = RowParallelLinear(
             width, num_classes, input_is_parallel=False, axis_name=axis_name, key=kh
         )
+        self.sequence_parallel, self.axis_name = sequence_parallel, axis_name
 
     def __call__(self, x: Float[Array, "batch in"]) -> Float[Array, "batch classes"]:
         """Logits `(batch, num_classes)`, identical on every device of a tensor group."""
         h = self.embed(x)
+        if self.sequence_parallel:
+            h = scatter_to_region(h, self.axis_name, dim=0)
         for block in self.blocks:
             h = block(h)
-        return self.head(jax.vmap(self.norm)(h))
+        h = jax.vmap(self.norm)(h)
+        if self.sequence_parallel:
+            h = gather_from_region(h, self.axis_name, dim=0)
+        return self.head(h)
 
 
 def accuracy(logits: Array, labels: Array) -> Array:

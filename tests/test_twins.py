@@ -72,7 +72,8 @@ def random_layer(make, rng):
 
 def sharded_forward_and_grads(model, x, ct, mesh, x_spec):
     """Output and (model, input) gradients of `sum(model(x) * ct)`, taken inside the
-    shard_map; the model enters, and its gradient leaves, with its declared specs."""
+    shard_map; the model enters, and its gradient leaves, with its declared specs. The
+    output and `ct` are split like `x` along its leading dims."""
 
     def local(m, x, ct):
         apply = lambda mx: mx[0](mx[1])  # noqa: E731
@@ -98,10 +99,11 @@ def reference():
     return run
 
 
-def check_twin(model, twin, params, x, mesh, x_spec, reference, rng):
+def check_twin(model, twin, params, x, mesh, x_spec, reference, rng, out_shape=None):
     """The sharded `model` and `twin(params, x)` agree: output, input gradient, and the
-    gradient of every array of `model` (`params` holds them by key path)."""
-    ct = normal(rng, *x.shape)
+    gradient of every array of `model` (`params` holds them by key path). The output
+    has `x`'s shape unless `out_shape` says otherwise."""
+    ct = normal(rng, *(out_shape or x.shape))
     got_y, (got_model, got_x) = sharded_forward_and_grads(model, x, ct, mesh, x_spec)
     want_y, (want_params, want_x) = reference(twin, params, x, ct)
     got = arrays_by_path(got_model)
@@ -321,3 +323,78 @@ def test_norm_matches_equinox(kind, case, reference, rng):
     x_spec = P("data", "tensor") if sp else P("data")
     mesh = mesh_of(data, tensor)
     check_twin(norm, twin, params, x, mesh, x_spec, reference, rng)
+
+
+# -- the TP classifier (models.TPClassifier) ----------------------------------------------
+
+# Pairwise-distinct: rows, features, classes, width, hidden, blocks. ROWS splits over
+# data x tensor = 8 (sequence parallelism splits each data shard's rows over tensor).
+ROWS, FEATURES, CLASSES, WIDTH, CLS_HIDDEN, BLOCKS = 16, 6, 5, 8, 12, 3
+
+
+def equinox_classifier(p, x):
+    """`TPClassifier` from `eqx.nn.Linear` and `eqx.nn.LayerNorm` with its arrays:
+    embed, then `x + down(gelu(up(norm(x))))` per block, then norm and head."""
+
+    def linear(name, a):
+        w = p[f"{name}.weight"]
+        layer = eqx.nn.Linear(w.shape[1], w.shape[0], key=KEY())
+        return jax.vmap(eqx.tree_at(lambda m: (m.weight, m.bias), layer, (w, p[f"{name}.bias"])))(a)
+
+    def norm(name, a):
+        layer = eqx.tree_at(
+            lambda m: (m.weight, m.bias),
+            eqx.nn.LayerNorm(WIDTH),
+            (p[f"{name}.weight"], p[f"{name}.bias"]),
+        )
+        return jax.vmap(layer)(a)
+
+    h = linear(".embed", x)
+    for i in range(BLOCKS):
+        up = linear(f".blocks[{i}].up", norm(f".blocks[{i}].norm", h))
+        h = h + linear(f".blocks[{i}].down", jax.nn.gelu(up))
+    return linear(".head", norm(".norm", h))
+
+
+CLASSIFIER_CASES = {  # (data, tensor), sequence_parallel
+    "t2": ((1, 2), False),
+    "d2t4-sp": ((2, 4), True),
+    "d4t2-sp": ((4, 2), True),
+}
+
+
+@pytest.mark.parametrize("case", list(CLASSIFIER_CASES))
+def test_tp_classifier_matches_equinox_layers(case, reference, rng):
+    from models import TPClassifier
+
+    (data, tensor), sp = CLASSIFIER_CASES[case]
+    make = functools.partial(
+        TPClassifier, FEATURES, CLASSES, WIDTH, CLS_HIDDEN, BLOCKS, sequence_parallel=sp
+    )
+    model = random_layer(lambda: make(key=KEY()), rng)
+    x = normal(rng, ROWS, FEATURES)
+    check_twin(
+        model,
+        equinox_classifier,
+        arrays_by_path(model),
+        x,
+        mesh_of(data, tensor),
+        P("data"),
+        reference,
+        rng,
+        out_shape=(ROWS, CLASSES),
+    )
+
+
+def test_tp_classifier_refuses_rows_that_do_not_split_over_tensor(rng):
+    from models import TPClassifier
+
+    model = TPClassifier(FEATURES, CLASSES, WIDTH, CLS_HIDDEN, 1, sequence_parallel=True, key=KEY())
+    x = normal(rng, 6, FEATURES)  # 6 rows on data=1, tensor=4
+    fn = ep.filter_shard_map(
+        lambda m, x: m(x), mesh=mesh_of(1, 4), in_specs=(None, P()), out_specs=P()
+    )
+    with pytest.raises(
+        ValueError, match=r"size 6, which does not split over 'tensor' \(4 devices\)"
+    ):
+        fn(model, x)
