@@ -5,9 +5,10 @@ variants of one step (name -> compiled callable and its arguments) and a probe p
 variant giving `(loss, gradients)`. The harness runs each case in its own process
 (`python benchmarks/_harness.py --case NAME`, with the case's device count simulated
 before JAX starts), checks every variant's loss and gradients against the first one
-(the baseline), times all variants and a peak matmul round-robin, and writes the
-figures as JSON. `run.py` starts those processes, prints one table across the cases
-and writes the JSON and a PNG chart to `benchmarks/results/`.
+(the baseline), or against the variant `Built.references` names for it, times all
+variants and a peak matmul round-robin, and writes the figures as JSON. `run.py`
+starts those processes, prints one table across the cases and writes the JSON and a
+PNG chart to `benchmarks/results/`.
 
 Nothing here starts a JAX backend on import.
 """
@@ -27,7 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 # The case modules, in the order of the table; each defines `CASES: dict[str, Case]`.
-CASE_MODULES = ("cases_transformer", "cases_blocks")
+CASE_MODULES = ("cases_transformer", "cases_blocks", "cases_moe")
 SIZES = ("full", "smoke", "gpu", "gpu-smoke")
 
 
@@ -62,7 +63,11 @@ class Built:
 
     `baselines` names the variants a ratio is taken against (the fastest of them);
     `flops` and `tokens` are per step (model FLOPs, `models.flops_per_token` style);
-    `rtol` the allowed relative error of the loss and of each gradient."""
+    `rtol` the allowed relative error of the loss and of each gradient.
+    `references` maps a variant to the variant its loss and gradients are checked
+    against, or to `None` for a reference itself (a variant of another model, such as
+    the dense model beside an MoE one); a variant it does not name is checked against
+    the first variant."""
 
     title: str
     variants: dict[str, Variant]
@@ -70,6 +75,7 @@ class Built:
     tokens: int
     baselines: tuple[str, ...]
     rtol: float = 2e-4
+    references: dict[str, str | None] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,20 +136,33 @@ def collective_bytes(compiled: Any, mesh: Any) -> tuple[int, int]:
 
 
 def check(built: Built) -> dict[str, tuple[float, float]]:
-    """Probes every variant; exits unless each matches the baseline within `rtol`.
-    Returns name -> (loss error, worst gradient error)."""
+    """Probes every variant; exits unless each matches its reference within `rtol`
+    (`built.references`, by default the first variant). Returns name -> (loss error,
+    worst gradient error), `(0, 0)` for a reference."""
     from _common import check_close
 
-    names = list(built.variants)
-    ref = built.variants[names[0]].probe()
-    errors = {names[0]: (0.0, 0.0)}
-    for name in names[1:]:
+    first = next(iter(built.variants))
+    probed: dict[str, tuple[Any, Any]] = {}
+
+    def probe(name: str) -> tuple[Any, Any]:
+        if name not in probed:
+            probed[name] = built.variants[name].probe()
+        return probed[name]
+
+    errors = {}
+    for name in built.variants:
+        ref = built.references.get(name, first) if name != first else None
+        if ref is None:
+            errors[name] = (0.0, 0.0)
+            continue
+        if ref not in built.variants:
+            raise SystemExit(f"{built.title}: variant {name!r}'s reference {ref!r} is no variant.")
         errors[name] = check_close(
-            built.variants[name].probe(),
-            ref,
+            probe(name),
+            probe(ref),
             rtol=built.rtol,
             what=f"{built.title}: variant {name!r}",
-            baseline=f"the baseline {names[0]!r}",
+            baseline=f"the reference {ref!r}" if ref != first else f"the baseline {ref!r}",
             fix="The variant does not compute the baseline's step; fix it before timing.",
         )
     return errors

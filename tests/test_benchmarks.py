@@ -1,10 +1,12 @@
 """The benchmark harness at tiny sizes: every case's variants agree, and the table,
 JSON and chart come out (each case in its own process, as `make bench` runs it)."""
 
+import dataclasses
 import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
@@ -41,21 +43,88 @@ def test_a_case_checks_times_and_counts_its_variants(tmp_path, name):
     assert (tmp_path / "bench.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("name", ["classifier-d2t4", "ring-c8"])
-def test_the_cases_without_a_theory_check_and_time_their_variants(tmp_path, name):
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """`smoke(name)`: the case's figures at smoke sizes, run once per module."""
+    results = {}
+
+    def run(name):
+        if name not in results:
+            folder = str(tmp_path_factory.mktemp(name))
+            found = _harness.drive([name], folder=folder, sizes="smoke", repeats=2, warmup=1)
+            results[name] = found[name]
+        return results[name]
+
+    return run
+
+
+@pytest.mark.parametrize("name", ["classifier-d2t4", "ring-c8", "moe-d2e4"])
+def test_the_cases_without_a_theory_check_and_time_their_variants(smoke, name):
     # `check` exits unless every variant's loss and gradients match the baseline's, and
     # `run_case` then returns the error text instead of the figures.
-    results = _harness.drive([name], folder=str(tmp_path), sizes="smoke", repeats=2, warmup=1)
-    result = results[name]
+    result = smoke(name)
     assert not isinstance(result, str), result
     rows = result["rows"]
     assert len(rows) >= 2
     for row in rows:
         assert row["loss_err"] <= 2e-4 and row["grad_err"] <= 2e-4
-        assert row["theory_bytes"] is None
         assert row["collectives"] > 0 and row["coll_bytes"] > 0 and row["mem_bytes"] > 0
         assert row["ms_min"] <= row["ms"] <= row["ms_max"]
+    # No theory for the classifier, the context axis or the expert axis (the MoE case's
+    # dense rows have theirs: the next test).
+    assert all(r["theory_bytes"] is None for r in rows if "dense" not in r["variant"])
     assert [r["variant"] for r in rows if r["baseline"]] == [rows[0]["variant"]]
+
+
+def test_the_moe_case_drops_alike_and_sets_the_dense_model_beside_it(smoke):
+    result = smoke("moe-d2e4")
+    assert not isinstance(result, str), result
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert list(rows) == [
+        "jit auto MoE",
+        "eqxpar MoE",
+        "jit auto dense (same active size)",
+        "eqxpar dense (same active size)",
+    ]
+    # Capacity drops some assignments, and both MoE variants dropped the same ones: the
+    # previous test found their gradients equal.
+    dropped = float(result["title"].split("% of assignments dropped")[0].split(": ")[-1])
+    assert dropped > 0
+    # The plain dense model is a reference of its own (another model), eqxpar's dense
+    # step is checked against it, not against the MoE baseline.
+    assert rows["jit auto dense (same active size)"]["grad_err"] == 0.0
+    assert 0 < rows["eqxpar dense (same active size)"]["grad_err"] <= 2e-4
+    dense = rows["eqxpar dense (same active size)"]
+    assert dense["coll_bytes"] == pytest.approx(dense["theory_bytes"], rel=0.02)
+
+
+def _fake(loss, grads):
+    """A variant whose probe returns `(loss, grads)`, with nothing to time."""
+
+    def probe():
+        return np.float32(loss), [np.asarray(g, np.float32) for g in grads]
+
+    return _harness.Variant(None, (), None, None, 0.0, probe)
+
+
+def test_check_compares_a_variant_with_its_named_reference():
+    variants = {
+        "moe": _fake(1.0, [[3.0, 5.0]]),
+        "moe again": _fake(1.0, [[3.0, 5.0]]),
+        "dense": _fake(7.0, [[2.0, 11.0]]),
+        "dense again": _fake(7.0, [[2.0, 11.0 * (1 + 1e-5)]]),
+    }
+    refs = {"dense": None, "dense again": "dense"}
+    built = _harness.Built("fake", variants, 1.0, 1, ("moe",), references=refs)
+    errors = _harness.check(built)
+    assert errors["moe"] == errors["moe again"] == errors["dense"] == (0.0, 0.0)
+    assert 0 < errors["dense again"][1] < 2e-4
+    # Without the references the dense variants are checked against the first variant.
+    with pytest.raises(SystemExit, match="variant 'dense' computed loss 7"):
+        _harness.check(dataclasses.replace(built, references={}))
+    wrong = dict(variants, **{"dense again": _fake(7.0, [[2.0, 13.0]])})
+    with pytest.raises(SystemExit, match="'dense again'.*the reference 'dense'"):
+        _harness.check(dataclasses.replace(built, variants=wrong))
 
 
 def test_gpu_mode_runs_its_code_path_on_cpu(tmp_path):
