@@ -98,6 +98,12 @@ def _per_token(layer: Callable, x: Array) -> Array:
     return jax.vmap(jax.vmap(layer))(x)
 
 
+def _linear(layer: eqx.nn.Linear, x: Array, batched: bool) -> Array:
+    """`layer` at every position: `vmap`ped, as Equinox layers are used (`False`), or as
+    one matmul `x @ weight.T` on the whole `(b, s, in)` array (`True`, a diagnostic)."""
+    return x @ layer.weight.T if batched else _per_token(layer, x)
+
+
 class PlainBlock(eqx.Module):
     """One pre-norm block of plain Equinox layers (the fused QKV rows grouped by KV
     head, as in `models.Transformer`)."""
@@ -112,8 +118,16 @@ class PlainBlock(eqx.Module):
     kv_heads: int = eqx.field(static=True)
     theta: float = eqx.field(static=True)
     attention: str | None = eqx.field(static=True)
+    batched: bool = eqx.field(static=True)
 
-    def __init__(self, c: TransformerConfig, attention: str | None, *, key: PRNGKeyArray):
+    def __init__(
+        self,
+        c: TransformerConfig,
+        attention: str | None = None,
+        batched: bool = False,
+        *,
+        key: PRNGKeyArray,
+    ):
         k1, k2, k3, k4 = jax.random.split(key, 4)
         d, h = c.head_dim, c.dim
         self.attn_norm = eqx.nn.RMSNorm(h, eps=1e-6, use_bias=False)
@@ -123,12 +137,12 @@ class PlainBlock(eqx.Module):
         self.up = eqx.nn.Linear(h, c.hidden, use_bias=False, key=k3)
         self.down = eqx.nn.Linear(c.hidden, h, use_bias=False, key=k4)
         self.heads, self.kv_heads, self.theta = c.num_heads, c.kv_heads, c.rope_theta
-        self.attention = attention
+        self.attention, self.batched = attention, batched
 
     def __call__(self, x: Float[Array, "b s h"]) -> Float[Array, "b s h"]:
         b, s, _ = x.shape
         group = self.heads // self.kv_heads
-        qkv = _per_token(self.qkv, _per_token(self.attn_norm, x))
+        qkv = _linear(self.qkv, _per_token(self.attn_norm, x), self.batched)
         qkv = qkv.reshape(b, s, self.kv_heads, group + 2, -1)
         q = rotary(qkv[..., :group, :].reshape(b, s, self.heads, -1), self.theta)
         k, v = rotary(qkv[..., group, :], self.theta), qkv[..., group + 1, :]
@@ -136,9 +150,9 @@ class PlainBlock(eqx.Module):
             a = ep.nn.blockwise_attention(q, k, v)
         else:
             a = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attention)
-        x = x + _per_token(self.out, a.reshape(b, s, -1))
-        h = jax.nn.gelu(_per_token(self.up, _per_token(self.mlp_norm, x)))
-        return x + _per_token(self.down, h)
+        x = x + _linear(self.out, a.reshape(b, s, -1), self.batched)
+        h = jax.nn.gelu(_linear(self.up, _per_token(self.mlp_norm, x), self.batched))
+        return x + _linear(self.down, h, self.batched)
 
 
 class PlainTransformer(eqx.Module):
@@ -149,26 +163,50 @@ class PlainTransformer(eqx.Module):
     norm: eqx.nn.RMSNorm
     head: eqx.nn.Linear
     dtype: str = eqx.field(static=True)
+    batched: bool = eqx.field(static=True)
+    gather: NamedSharding | None = eqx.field(static=True)
 
-    def __init__(self, c: TransformerConfig, attention: str | None = None, *, key: PRNGKeyArray):
+    def __init__(
+        self,
+        c: TransformerConfig,
+        attention: str | None = None,
+        batched: bool = False,
+        gather: NamedSharding | None = None,
+        *,
+        key: PRNGKeyArray,
+    ):
+        """`attention`: `jax.nn.dot_product_attention`'s `implementation`, or
+        `"blockwise"` (eqxpar's kernel); `batched`: the linear layers as one matmul
+        each (see `_linear`); `gather`: a replicated sharding each layer's weights are
+        constrained to where they are used (pure FSDP: every weight all-gathered,
+        never the activations moved). All are diagnostics; the baseline takes the
+        defaults."""
         ke, kl, kh = jax.random.split(key, 3)
         self.embed = eqx.nn.Embedding(c.vocab_size, c.dim, key=ke)
         keys = jax.random.split(kl, c.num_layers)
-        self.layers = eqx.filter_vmap(lambda k: PlainBlock(c, attention, key=k))(keys)
+        self.layers = eqx.filter_vmap(lambda k: PlainBlock(c, attention, batched, key=k))(keys)
         self.norm = eqx.nn.RMSNorm(c.dim, eps=1e-6, use_bias=False)
         self.head = eqx.nn.Linear(c.dim, c.vocab_size, use_bias=False, key=kh)
-        self.dtype = c.compute_dtype
+        self.dtype, self.batched, self.gather = c.compute_dtype, batched, gather
+
+    def _gathered(self, tree: Any) -> Any:
+        if self.gather is None:
+            return tree
+        return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, self.gather), tree)
 
     def __call__(self, tokens: Int[Array, "b s"]) -> Float[Array, "b s vocab"]:
         model = jax.tree.map(lambda p: p.astype(self.dtype) if eqx.is_inexact_array(p) else p, self)
-        x = jax.vmap(jax.vmap(model.embed))(tokens)
         params, static = eqx.partition(model.layers, eqx.is_array)
+        model = eqx.tree_at(lambda m: (m.embed, m.norm, m.head), model, self._gathered(
+            (model.embed, model.norm, model.head)))  # fmt: skip
+        x = jax.vmap(jax.vmap(model.embed))(tokens)
 
         def body(x, p):
-            return eqx.combine(p, static)(x), None
+            return eqx.combine(self._gathered(p), static)(x), None
 
         x, _ = jax.lax.scan(body, x, params)
-        return _per_token(model.head, _per_token(model.norm, x)).astype(jnp.float32)
+        logits = _linear(model.head, _per_token(model.norm, x), self.batched)
+        return logits.astype(jnp.float32)
 
 
 def plain_loss(model: PlainTransformer, x: Array, y: Array) -> Array:
@@ -362,9 +400,17 @@ def side_by_side(mesh_sizes: dict[str, int], layout: str, strategy: str = "dp") 
         plain = plain_variant(template, model, mesh_sizes, layout, x, y)
         plain.theory_bytes = ours.theory_bytes  # the layout's minimum, for both
         name = {"dp": "eqxpar", "fsdp": "eqxpar FSDP"}[strategy]
+        variants = {f"jit auto ({layout})": plain, name: ours}
+        if strategy == "fsdp":  # a diagnostic: GSPMD made to gather every weight
+            whole = NamedSharding(auto_mesh(mesh_sizes), P())
+            gathered = PlainTransformer(s.config, gather=whole, key=jax.random.key(1))
+            variants["jit, weights gathered where used"] = plain_variant(
+                gathered, model, mesh_sizes, layout, x, y
+            )
+            variants["jit, weights gathered where used"].theory_bytes = ours.theory_bytes
         return Built(
             title=f"Transformer train step, {ep_mesh_text(mesh_sizes)}",
-            variants={f"jit auto ({layout})": plain, name: ours},
+            variants=variants,
             flops=flops_per_token(s.config, s.seq) * s.batch * s.seq,
             tokens=s.batch * s.seq,
             baselines=(f"jit auto ({layout})",),
@@ -374,18 +420,23 @@ def side_by_side(mesh_sizes: dict[str, int], layout: str, strategy: str = "dp") 
 
 
 def one_device_case(sizes: str) -> Built:
-    """`side_by_side` on one device, plus a diagnostic variant: the plain model with
-    eqxpar's blockwise attention kernel in place of `jax.nn.dot_product_attention`,
-    which splits the gap between the two into attention and everything else."""
+    """`side_by_side` on one device, plus two diagnostic variants of the plain model,
+    which split the gap between the two: with eqxpar's blockwise attention kernel in
+    place of `jax.nn.dot_product_attention`, and with each `eqx.nn.Linear` applied as
+    one matmul `x @ W.T` (as eqxpar's layers do) instead of `vmap`ped per token."""
     built = side_by_side({"data": 1}, "replicated")(sizes)
     s = SIZES["smoke" if "smoke" in sizes else "full"]
     x, y = tokens(s)
     ours = built.variants["eqxpar"]
     model = ours.args[0].model
-    template = PlainTransformer(s.config, "blockwise", key=jax.random.key(1))
-    diagnostic = plain_variant(template, model, {"data": 1}, "replicated", x, y)
-    diagnostic.theory_bytes = ours.theory_bytes
-    built.variants["jit plain + blockwise attention"] = diagnostic
+    for name, attention, batched in (
+        ("jit plain + blockwise attention", "blockwise", False),
+        ("jit plain, Linear as x @ W.T", None, True),
+    ):
+        template = PlainTransformer(s.config, attention, batched, key=jax.random.key(1))
+        diagnostic = plain_variant(template, model, {"data": 1}, "replicated", x, y)
+        diagnostic.theory_bytes = ours.theory_bytes
+        built.variants[name] = diagnostic
     return built
 
 
