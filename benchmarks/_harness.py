@@ -46,6 +46,10 @@ class Variant:
       `(loss, gradient leaves)`, the leaves in the baseline's order.
     - `theory_bytes`: the analytic minimum of collective bytes per device and step
       (`None` where the report has no theory for this model).
+    - `collectives`: `(executions, bytes per device)` of the step's collectives, where
+      `count_collectives`' count is only an upper bound (the pipeline executor's
+      permutes in per-tick switch branches: `communication_report` counts the ones
+      that run); `None`: counted from the compiled HLO.
     """
 
     fn: Callable
@@ -55,6 +59,7 @@ class Variant:
     compile_s: float
     probe: Callable[[], tuple[Any, Any]]
     theory_bytes: float | None = None
+    collectives: tuple[int, int] | None = None
 
 
 @dataclasses.dataclass
@@ -192,7 +197,7 @@ def measure(built: Built, *, repeats: int, warmup: int, peak_dtype: Any) -> dict
     rows = []
     for name, v in built.variants.items():
         ms = medians[name]
-        count, nbytes = collective_bytes(v.compiled, v.mesh)
+        count, nbytes = v.collectives or collective_bytes(v.compiled, v.mesh)
         n = 1 if simulated or v.mesh is None else v.mesh.size
         rows.append(
             dict(

@@ -349,10 +349,12 @@ def plain_variant(
 def eqxpar_variant(
     template: PlainTransformer, config: TransformerConfig, mesh_sizes: dict[str, int],
     strategy: str, x: np.ndarray, y: np.ndarray, loss_fn: Callable | None = None,
-    batch_spec: P | None = None,
+    batch_spec: P | None = None, pipeline: dict[str, Any] | None = None,
 ) -> tuple[Variant, Transformer]:  # fmt: skip
     """eqxpar's `make_train_step` on an eqxpar mesh; also returns the model (global
-    arrays) the baselines copy."""
+    arrays) the baselines copy. `pipeline`: the step's `schedule` and `microbatches`
+    (for `communication_report`, whose count of the executor's permutes, the ones its
+    ticks run, then replaces the counter's upper bound)."""
     mesh = ep.make_mesh(
         **mesh_sizes, devices=jax.devices()[: int(np.prod(list(mesh_sizes.values())))]
     )
@@ -374,13 +376,19 @@ def eqxpar_variant(
         mu = first_moment(new.opt_state)
         return metrics["loss"], plain_like(template, jax.tree.map(lambda m: m / (1 - B1), mu))
 
-    theory = None  # the cost model has no context axis
-    if "context" not in mesh_sizes:
+    variant = Variant(compiled, (state, xs, ys), compiled, mesh, seconds, probe)
+    if "context" not in mesh_sizes:  # the cost model has no context axis
         report = communication_report(
-            compiled, mesh, config, batch=x.shape[0], seq=x.shape[1], strategy=strategy
-        )
-        theory = sum(r.theory or 0.0 for r in report.rows)
-    return Variant(compiled, (state, xs, ys), compiled, mesh, seconds, probe, theory), state.model
+            compiled, mesh, config, batch=x.shape[0], seq=x.shape[1], strategy=strategy,
+            **(pipeline or {}),
+        )  # fmt: skip
+        variant.theory_bytes = sum(r.theory or 0.0 for r in report.rows)
+        if pipeline:
+            variant.collectives = (
+                sum(r.count for r in report.rows),
+                sum(r.measured for r in report.rows),
+            )
+    return variant, state.model
 
 
 def tokens(s: Sizes) -> tuple[np.ndarray, np.ndarray]:
@@ -458,7 +466,8 @@ def pipeline_case(sizes: str) -> Built:
         return model.loss(x, y, schedule=OneFOneB(), microbatches=MICROBATCHES)
 
     mesh = {"data": 2, "tensor": 2, "pipeline": 2}
-    ours, model = eqxpar_variant(template, config, mesh, "dp", x, y, loss_fn)
+    pipeline = dict(schedule="1f1b", microbatches=MICROBATCHES)
+    ours, model = eqxpar_variant(template, config, mesh, "dp", x, y, loss_fn, pipeline=pipeline)
     layouts = {
         "jit auto data=8": ({"data": 8}, "replicated"),
         "jit auto data=2,tensor=4": ({"data": 2, "tensor": 4}, "megatron"),

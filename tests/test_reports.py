@@ -24,6 +24,7 @@ CASES = {  # name: (config changes, mesh, strategy, global batch, microbatches)
     "fsdp": ({}, dict(data=8), "fsdp", 24, 1),
     "fsdp+accumulate": ({}, dict(data=8), "fsdp", 48, 3),
     "1f1b": (dict(pipeline_stages=4), dict(data=2, pipeline=4), "dp", 16, 4),
+    "1f1b+tp": (dict(pipeline_stages=2), dict(data=2, tensor=2, pipeline=2), "dp", 12, 3),
 }
 
 
@@ -86,6 +87,10 @@ def reports():
         ("fsdp", "data"),
         ("fsdp+accumulate", "data"),
         ("1f1b", "data"),
+        # The tensor all-reduces inside the executor's actions, counted once per action
+        # (and the embedding's and head's on their one stage), not on every tick.
+        ("1f1b+tp", "tensor"),
+        ("1f1b+tp", "pipeline"),
     ],
 )
 def test_communication_matches_the_theory(reports, name, axis):

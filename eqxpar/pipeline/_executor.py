@@ -81,8 +81,14 @@ class _Carry(NamedTuple):
     loss: jax.Array  # the sum of the last chunk's microbatch losses so far
 
 
-def _when(pred: jax.Array, fn: Callable[[_Carry], _Carry], carry: _Carry, writes: tuple) -> _Carry:
-    """`fn(carry)` where `pred` holds, else `carry`, updated in place.
+SCOPE = "eqxpar.pipeline."  # + the action: "F", "B", "W", or "first" / "last" (chunk)
+
+
+def _when(
+    pred: jax.Array, fn: Callable[[_Carry], _Carry], carry: _Carry, writes: tuple, scope: str
+) -> _Carry:
+    """`fn(carry)` where `pred` holds, else `carry`, updated in place, under the name
+    scope `SCOPE + scope` (which `communication_report` counts its collectives by).
 
     `writes` names the fields `fn` changes; only those go through the conditional, and
     its untaken branch (branch 0) forwards them unchanged. XLA's copy insertion elides
@@ -91,7 +97,8 @@ def _when(pred: jax.Array, fn: Callable[[_Carry], _Carry], carry: _Carry, writes
     every tick (openxla/xla#46314). Everything else `fn` reads by closure."""
 
     def taken(values: tuple) -> tuple:
-        new = fn(carry._replace(**dict(zip(writes, values, strict=True))))
+        with jax.named_scope(SCOPE + scope):
+            new = fn(carry._replace(**dict(zip(writes, values, strict=True))))
         fields = [f for f in _Carry._fields if f not in writes]
         changed = [f for f in fields if getattr(new, f) is not getattr(carry, f)]
         if changed:
@@ -303,11 +310,12 @@ class _Ticks:
         first_fn, layer_fn, _ = self.fns
         fp, sp, _ = self.params
         slot = row["slot"]
-        x = lax.cond(
-            row["first_chunk"],
-            lambda: self.act(first_fn(fp, _take(self.inputs, row["mb"]))),
-            lambda: _read(carry.inputs, slot),
-        )
+
+        def first() -> jax.Array:
+            with jax.named_scope(SCOPE + "first"):
+                return self.act(first_fn(fp, _take(self.inputs, row["mb"])))
+
+        x = lax.cond(row["first_chunk"], first, lambda: _read(carry.inputs, slot))
 
         def layer(x: jax.Array, xs: tuple) -> tuple:
             w, k = xs
@@ -326,7 +334,7 @@ class _Ticks:
             return self.head(carry, y, row, backward)
 
         writes = ("grads_in", "grad_last", "loss") if backward else ("loss",)
-        return _when(row["last_chunk"], head, carry, writes)
+        return _when(row["last_chunk"], head, carry, writes, "last")
 
     def head(self, carry: _Carry, y: jax.Array, row: dict, backward: bool) -> _Carry:
         """The last chunk's loss of this microbatch; differentiating, also the gradient
@@ -371,7 +379,7 @@ class _Ticks:
             gfp = jax.tree.map(lambda a, d: a + d.astype(a.dtype), carry.grad_first, dfp)
             return carry._replace(grad_first=gfp)
 
-        return _when(row["first_chunk"], first_grad, carry, ("grad_first",))
+        return _when(row["first_chunk"], first_grad, carry, ("grad_first",), "first")
 
     def weight_grad(self, carry: _Carry, row: dict) -> _Carry:
         """`W`: the layers' pullbacks again, for their weight gradients only."""
@@ -411,7 +419,7 @@ class _Ticks:
             return self.forward(carry, row, backward)
 
         if not backward:
-            return _when(kind == 1, forward, carry, ("send_f", "loss"))
+            return _when(kind == 1, forward, carry, ("send_f", "loss"), "F")
         arrived = self.permute(self.program["permute_b"][t], carry.send_b, "B")
         carry = carry._replace(grads_in=_store(carry.grads_in, row["recv_b"], arrived))
 
@@ -422,9 +430,9 @@ class _Ticks:
             return self.weight_grad(carry, row)
 
         writes = ("send_f", "residuals", "grads_in", "grad_last", "loss")
-        carry = _when(kind == 1, forward, carry, writes)
-        carry = _when(kind == 2, input_grad, carry, ("send_b", "saved", "grad_first"))
-        return _when(kind == 3, weight_grad, carry, ("grad_stage",))
+        carry = _when(kind == 1, forward, carry, writes, "F")
+        carry = _when(kind == 2, input_grad, carry, ("send_b", "saved", "grad_first"), "B")
+        return _when(kind == 3, weight_grad, carry, ("grad_stage",), "W")
 
 
 def _take(tree: Any, i: Any) -> Any:

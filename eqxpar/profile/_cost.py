@@ -266,17 +266,22 @@ Row = tuple[str, str]  # (collective kind, mesh axis)
 
 def _tensor_comm(config: Any, layout: Layout, act: float, pb: int, bs: float) -> dict:
     """TP/SP: per layer 4 activation-sized all-reduces (or all-gathers and
-    reduce-scatters), the embedding's and the head's, the loss's three `b*s` sums."""
-    layers = config.num_layers / layout.pipeline
+    reduce-scatters), the embedding's and the head's, the loss's three `b*s` sums. With
+    a pipeline, a device holds `1/p` of the layers, and the embedding (first stage),
+    the head, the final norm and the loss (last stage) run on one stage of `p`: per
+    device on average, `1/p` of them."""
+    p = layout.pipeline
+    layers = config.num_layers / p
     per_layer = 6 if layout.remat == "full" else 4  # full remat repeats the forward's two
-    loss = 3 * bs * 4
+    loss = 3 * bs * 4 / p
+    ends = 2 / p  # the embedding's and the head's
     if not layout.sequence_parallel:
-        return {("all-reduce", "tensor"): (per_layer * layers + 2) * act + loss}
+        return {("all-reduce", "tensor"): (per_layer * layers + ends) * act + loss}
     # SP: the norm weights' gradients, summed for each microbatch.
-    norms = (2 * layers + 1) * config.dim * pb * layout.microbatches
+    norms = (2 * layers + 1 / p) * config.dim * pb * layout.microbatches
     return {
-        ("all-gather", "tensor"): (per_layer * layers + 2) * act,
-        ("reduce-scatter", "tensor"): (per_layer * layers + 2) * act / layout.tensor,
+        ("all-gather", "tensor"): (per_layer * layers + ends) * act,
+        ("reduce-scatter", "tensor"): (per_layer * layers + ends) * act / layout.tensor,
         ("all-reduce", "tensor"): norms + loss,
     }
 

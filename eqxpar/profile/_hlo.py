@@ -35,7 +35,9 @@ class CollectiveRecord:
     """One collective instruction: `count` executions per program call (loop trip counts
     applied), `nbytes` per-device output bytes per execution, `axes` as in
     `count_collectives`, where it lives (`computation`, `name`, `shape`), and for a
-    `collective-permute` its `(source, target)` partition-id `pairs` (else empty)."""
+    `collective-permute` its `(source, target)` partition-id `pairs` (else empty), and
+    the JAX `op_name` of its metadata (the name stack: transformations and
+    `jax.named_scope`s; empty when the HLO has none)."""
 
     kind: str
     axes: tuple[str, ...]
@@ -45,6 +47,7 @@ class CollectiveRecord:
     name: str
     shape: str
     pairs: tuple[tuple[int, int], ...] = ()
+    op_name: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,6 +371,11 @@ def _components(pairs: tuple[tuple[int, int], ...]) -> list[list[int]]:
     return sorted(sorted(g) for g in groups)
 
 
+def _op_name(attrs: str) -> str:
+    match = re.search(r'\bop_name="((?:[^"\\]|\\.)*)"', attrs)
+    return match.group(1) if match else ""
+
+
 def _pairs(attrs: str) -> tuple[tuple[int, int], ...]:
     """A `collective-permute`'s `(source, target)` pairs (empty for other ops)."""
     if (match := _PAIRS_RE.search(attrs)) is None:
@@ -493,6 +501,7 @@ def count_collectives(hlo: Any, mesh: Any = None) -> CollectiveReport:
             instr.name,
             instr.shape,
             _pairs(instr.attrs),
+            _op_name(instr.attrs),
         )
         for comp in reversed(order)
         for instr in module.comps[comp].values()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import numpy as np
 
+from ..pipeline._executor import SCOPE
 from ._cost import Layout, MemoryEstimate, _table, communication_theory, estimate_memory
 from ._hlo import _mesh_layout, count_collectives
 
@@ -143,6 +145,8 @@ def communication_report(
     lay = layout_of(mesh, config, **layout)
     theory = communication_theory(config, lay, batch=batch, seq=seq)
     records = count_collectives(compiled, mesh).records
+    if lay.pipeline > 1:
+        records = _in_ticks(records, lay)
     measured = _measure([r for r in records if r.axes != ("pipeline",)], mesh)
     if lay.pipeline > 1:
         pipe = [r for r in records if r.axes == ("pipeline",)]
@@ -158,6 +162,38 @@ def communication_report(
         rows.append(CommRow(kind, axes, count, nbytes, expected))
     rows.sort(key=lambda r: (r.axes, r.kind))
     return CommunicationReport(lay, tuple(rows))
+
+
+_ACTION = re.compile(re.escape(SCOPE) + r"(F|B|W|first|last)\b")
+
+
+def _in_ticks(records: tuple, layout: Layout) -> list:
+    """The records with the pipeline executor's actions counted as they run. A
+    collective inside an action (the name scope `SCOPE + action`, the innermost one)
+    sits in a conditional that the counter counts on every tick; it runs once per
+    action instead: each device runs `m·v` forwards, `B`s and `W`s, and the first (last)
+    chunk's extra work `m` times on one stage of `p`, its bytes averaged over the
+    devices as a permute's are."""
+    table = _table(layout.schedule, layout.pipeline, layout.microbatches).split()
+    ticks, m, p = table.num_ticks, table.microbatches, table.stages
+    out = []
+    for r in records:
+        actions = _ACTION.findall(r.op_name)
+        if not actions or r.kind == "collective-permute":
+            out.append(r)
+            continue
+        if r.count % ticks:
+            raise ValueError(
+                f"{r.name} runs {r.count} times, not a multiple of the {ticks} ticks of "
+                f"{layout.schedule} with {m} microbatches on {p} stages; pass the step's "
+                "`schedule` and `microbatches` to communication_report."
+            )
+        per_tick = r.count // ticks
+        if actions[-1] in ("first", "last"):
+            out.append(dataclasses.replace(r, count=per_tick * m, nbytes=r.nbytes // p))
+        else:
+            out.append(dataclasses.replace(r, count=per_tick * m * table.virtual))
+    return out
 
 
 def _measure(records: list, mesh: Any) -> dict[tuple[str, tuple[str, ...]], tuple[int, int]]:
