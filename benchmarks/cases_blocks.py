@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import tp_mlp
 from _harness import Built, Case, Variant, compile_timed
-from cases_transformer import place_opt_state
+from cases_transformer import B1, first_moment, jit_variant, optimizer
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, PRNGKeyArray
@@ -79,7 +79,6 @@ def ep_text() -> str:
 # -- TPClassifier --------------------------------------------------------------------------
 
 CLASSIFIER = {"full": (784, 10, 512, 2048, 4, 1024), "smoke": (12, 5, 16, 32, 2, 16)}
-B1 = 0.9
 
 
 class PlainClassifier(eqx.Module):
@@ -128,7 +127,7 @@ def megatron_spec(path: str, ndim: int) -> P:
 
 
 def classifier_variants(mesh: Any, x: np.ndarray, y: np.ndarray, dims: tuple) -> dict:
-    opt = optax.adamw(1e-3, b1=B1, weight_decay=0.01)
+    opt = optimizer()
     batch = NamedSharding(mesh, P("data"))
     xs, ys = jax.device_put(x, batch), jax.device_put(y, batch)
     ours = {
@@ -146,28 +145,8 @@ def classifier_variants(mesh: Any, x: np.ndarray, y: np.ndarray, dims: tuple) ->
         ),
         params,
     )
-    opt_state = place_opt_state(opt.init(params), params, mesh)
-    shardings = jax.tree.map(lambda a: a.sharding, (params, opt_state))
-
-    @eqx.filter_jit
-    def plain_step(params, opt_state, x, y):
-        loss, g = eqx.filter_value_and_grad(lambda p: _ce(eqx.combine(p, static)(x), y))(params)
-        updates, opt_state = opt.update(g, opt_state, params)
-        new = (eqx.apply_updates(params, updates), opt_state)
-        return jax.lax.with_sharding_constraint(new, shardings), loss
-
-    base, base_s = compile_timed(plain_step, params, opt_state, xs, ys)
-
-    def probe_base() -> tuple[Any, Any]:
-        (_, new), loss = base(params, opt_state, xs, ys)
-        return loss, jax.tree.map(lambda m: m / (1 - B1), _moments(new))
-
-    base_args = (params, opt_state, xs, ys)
-    return {"jit auto (megatron)": Variant(base, base_args, base, mesh, base_s, probe_base), **ours}
-
-
-def _moments(opt_state: Any) -> Any:
-    return opt_state[0].mu  # adamw: (ScaleByAdamState, decay, lr)
+    base = jit_variant(lambda m, x, y: _ce(m(x), y), params, static, mesh, x, y, P("data"))
+    return {"jit auto (megatron)": base, **ours}
 
 
 def eqxpar_classifier(
@@ -190,7 +169,7 @@ def eqxpar_classifier(
 
     def probe() -> tuple[Any, Any]:
         new, metrics = compiled(state, xs, ys)
-        mu = jax.tree.map(lambda m: m / (1 - B1), _moments(new.opt_state))
+        mu = jax.tree.map(lambda m: m / (1 - B1), first_moment(new.opt_state))
         return metrics["loss"], eqx.filter(PlainClassifier(mu, key=jax.random.key(0)), eqx.is_array)
 
     return Variant(compiled, (state, xs, ys), compiled, mesh, seconds, probe)

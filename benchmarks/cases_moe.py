@@ -32,8 +32,8 @@ from cases_transformer import (
     auto_mesh,
     eqxpar_variant,
     first_moment,
+    jit_variant,
     optimizer,
-    place_opt_state,
     plain_variant,
     rotary,
     tokens,
@@ -271,28 +271,7 @@ def plain_moe_variant(
     mesh data=2,expert=4, experts split over `expert`, the batch over both axes."""
     mesh = auto_mesh(MESH)
     params, static = place_moe(plain_moe_like(template, jax.device_get(model)), mesh)
-    opt = optimizer()
-    opt_state = place_opt_state(opt.init(params), params, mesh)
-    shardings = jax.tree.map(lambda a: a.sharding, (params, opt_state))
-    xs, ys = (jax.device_put(a, NamedSharding(mesh, BATCH)) for a in (x, y))
-
-    @eqx.filter_jit
-    def step(params, opt_state, x, y):
-        loss, grads = eqx.filter_value_and_grad(
-            lambda p: plain_moe_loss(eqx.combine(p, static), x, y)
-        )(params)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        new = (eqx.apply_updates(params, updates), opt_state)
-        return jax.lax.with_sharding_constraint(new, shardings), loss
-
-    compiled, seconds = compile_timed(step, params, opt_state, xs, ys)
-    args = (params, opt_state, xs, ys)
-
-    def probe() -> tuple[Any, Any]:
-        (_, state), loss = compiled(*args)
-        return loss, jax.tree.map(lambda m: m / (1 - B1), first_moment(state))
-
-    return Variant(compiled, args, compiled, mesh, seconds, probe)
+    return jit_variant(plain_moe_loss, params, static, mesh, x, y, BATCH)
 
 
 def eqxpar_moe_variant(

@@ -317,17 +317,27 @@ def plain_variant(
     Auto axes, weights placed by `layout`, the batch over `data`."""
     mesh = auto_mesh(mesh_sizes)
     params, static = place_plain(plain_like(template, jax.device_get(model)), mesh, layout)
+    if batch_spec is None:
+        batch_spec = P("data") if "data" in mesh_sizes else P()
+    return jit_variant(plain_loss, params, static, mesh, x, y, batch_spec)
+
+
+def jit_variant(
+    loss_fn: Callable, params: Any, static: Any, mesh: Mesh, x: np.ndarray, y: np.ndarray,
+    batch_spec: P,
+) -> Variant:  # fmt: skip
+    """A plain model's AdamW step under `eqx.filter_jit`: `params` placed already (Adam's
+    moments placed like them), the batch placed by `batch_spec`, `loss_fn(model, x, y)`;
+    its probe gives the loss and the gradients (the bias-corrected first moments)."""
     opt = optimizer()
     opt_state = place_opt_state(opt.init(params), params, mesh)
     shardings = jax.tree.map(lambda a: a.sharding, (params, opt_state))
-    if batch_spec is None:
-        batch_spec = P("data") if "data" in mesh_sizes else P()
     batch = NamedSharding(mesh, batch_spec)
     xs, ys = jax.device_put(x, batch), jax.device_put(y, batch)
 
     @eqx.filter_jit
     def step(params, opt_state, x, y):
-        loss, grads = eqx.filter_value_and_grad(lambda p: plain_loss(eqx.combine(p, static), x, y))(
+        loss, grads = eqx.filter_value_and_grad(lambda p: loss_fn(eqx.combine(p, static), x, y))(
             params
         )
         updates, opt_state = opt.update(grads, opt_state, params)
