@@ -42,6 +42,17 @@ GRACE_S = 5.0  # between SIGTERM and SIGKILL when stopping the survivors
 # (a script may checkpoint at `multihost_utils.reached_preemption_sync_point`), so the
 # processes are killed if they are still running this long after.
 TERM_GRACE_S = 30.0
+# Runs the script with Python's streams line-buffered: a print reaches the pipe in one
+# write, so a C++ library writing to the same stdout (gloo does) cannot split its line.
+# (Under PYTHONUNBUFFERED, set here or inherited, each of print's pieces is a write.)
+_RUN_LINE_BUFFERED = (
+    "import os, runpy, sys\n"
+    "sys.stdout.reconfigure(line_buffering=True, write_through=False)\n"
+    "sys.stderr.reconfigure(line_buffering=True, write_through=False)\n"
+    "sys.argv = sys.argv[1:]\n"
+    "sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))\n"
+    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+)
 
 
 def _positive(text: str) -> int:
@@ -97,7 +108,7 @@ def _describe_exit(code: int) -> str:
 
 def _pump(source, sink, rank: int, lock: threading.Lock) -> None:
     """Copies one of a process's streams to ours, whole lines prefixed with its id (its
-    stdout and stderr apart, so that a C++ library's stderr cannot split a line)."""
+    stdout and stderr apart, so that a library's stderr cannot split a stdout line)."""
     for raw in iter(source.readline, b""):
         line = raw.decode("utf-8", errors="replace").rstrip("\n")
         with lock:
@@ -128,12 +139,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             JAX_NUM_PROCESSES=str(args.processes),
             JAX_PROCESS_ID=str(rank),
             JAX_PLATFORMS="cpu",
-            PYTHONUNBUFFERED="1",
         )
         env[DEVICES_ENV] = str(args.devices_per_process)
         env[HOST_ENV] = f"{socket.gethostname()}/{rank}"  # each process plays a host
         proc = subprocess.Popen(
-            [sys.executable, args.script, *args.args],
+            [sys.executable, "-c", _RUN_LINE_BUFFERED, args.script, *args.args],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

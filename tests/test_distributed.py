@@ -231,6 +231,35 @@ def test_two_processes_share_one_mesh(launched, tmp_path):
     assert "[0] block 0 3" in out and "[1] block 3 6" in out
 
 
+def test_a_launched_script_runs_as_python_script_would_with_whole_lines(launched, tmp_path):
+    """The script is `__main__` with its argv and directory, as under `python script.py`,
+    and its stdout is line-buffered: under PYTHONUNBUFFERED each piece of a print is a write
+    of its own, and gloo's C++ logging to the same stdout split lines (a CI failure)."""
+    script = tmp_path / "whole.py"
+    script.write_text(
+        "import os, sys\n"
+        "print('argv', sys.argv, 'main', __name__, 'file', __file__)\n"
+        "print('path0', sys.path[0] == os.path.dirname(os.path.abspath(__file__)))\n"
+        "print('buffered', sys.stdout.line_buffering, sys.stdout.write_through)\n"
+    )
+    code, out = run_launcher(
+        launched,
+        "--processes",
+        "2",
+        "--devices-per-process",
+        "1",
+        str(script),
+        "-x",
+        "1",
+        timeout=60,
+    )
+    assert code == 0, out
+    for rank in (0, 1):
+        assert f"[{rank}] argv {[str(script), '-x', '1']} main __main__ file {script}" in out
+        assert f"[{rank}] path0 True" in out
+        assert f"[{rank}] buffered True False" in out
+
+
 def test_a_failed_process_fails_the_launch(launched, tmp_path):
     script = tmp_path / "fail.py"
     script.write_text(
