@@ -4,6 +4,7 @@ JSON and chart come out (each case in its own process, as `make bench` runs it).
 import dataclasses
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -154,3 +155,24 @@ def test_a_failing_case_is_reported_not_raised(tmp_path):
     )
     assert isinstance(result, str) and "no-such-case" in result
     assert "FAILED" in _harness.table({"no-such-case": result})
+
+
+@pytest.mark.slow  # about 18 compiles of pipelined steps
+def test_the_pipeline_benchmark_times_every_schedule_at_each_microbatch_size():
+    import subprocess
+
+    flags = "--devices 8 --repeats 1 --warmup 0 --width 16 --hidden 16 --features 4"
+    flags += " --microbatches 4 8 --batch 8 --time-batch 2 4 --time-microbatches 4"
+    flags += " --slowdown 1000 --flat 1000 --gpipe-growth 0"
+    run = subprocess.run(
+        [sys.executable, os.path.join(HERE, "pipeline.py"), *flags.split()],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = run.stdout
+    for rows in (2, 4):
+        for name in ("GPipe", "1F1B", "interleaved v=2", "ZB-H1", "plain jax.jit DP"):
+            assert re.search(rf"^\| {rows} +\| +{re.escape(name)} \|", out, re.M), out
+        assert f"{rows} rows: 1F1B loss" in out
+    assert "at 4 rows per microbatch the 1F1B step costs" in out
+    assert "FAIL" not in out
