@@ -21,6 +21,12 @@ buffers that kind changes (`_when`).
 A model that wants less memory checkpoints its layer function (`eqxpar.nn.remat`):
 the residuals are then the layers' inputs, recomputed from in `B` and `W`.
 
+Inside an action the chunk's layers are unrolled (`lax.scan(..., unroll=True)`): a loop
+over them within each action's conditional, its per-layer outputs stacked into fresh
+buffers, cost the 1F1B step about a tenth of its time on XLA:CPU
+(`benchmarks/pipeline.py`). The price is compile time that grows with the layers per
+chunk.
+
 Collectives over the pipeline axis are at most one `ppermute` forward and one backward
 per tick, each over only the stage pairs that carry data at that tick (a `lax.switch`
 over the table's `send_pairs`, nothing on ticks where no device receives), and, at the
@@ -324,7 +330,8 @@ class _Ticks:
             y, stored = self.layers.forward(w, x, k)
             return self.act(y), [to_varying(r, (self.axis,)) for r in stored]
 
-        y, residuals = lax.scan(layer, x, (_take(sp, row["virt"]), self.chunk_keys(row)))
+        xs = (_take(sp, row["virt"]), self.chunk_keys(row))
+        y, residuals = lax.scan(layer, x, xs, unroll=True)
         carry = carry._replace(send_f=y)
         if backward:
             stored = [_write(b, slot, r) for b, r in zip(carry.residuals, residuals, strict=True)]
@@ -369,7 +376,8 @@ class _Ticks:
             return self.act(dx), saved
 
         dy = _read(carry.grads_in, slot)
-        dx, saved = lax.scan(layer, dy, (_take(sp, row["virt"]), stored), reverse=True)
+        xs = (_take(sp, row["virt"]), stored)
+        dx, saved = lax.scan(layer, dy, xs, reverse=True, unroll=True)
         saved = [_write(b, slot, new) for b, new in zip(carry.saved, saved, strict=True)]
         carry = carry._replace(send_b=dx, saved=saved)
 
@@ -392,7 +400,7 @@ class _Ticks:
             w, res, sv = xs
             return None, self.layers.weight_grad(w, res, sv)
 
-        _, dws = lax.scan(layer, None, (_take(sp, virt), stored, saved))
+        _, dws = lax.scan(layer, None, (_take(sp, virt), stored, saved), unroll=True)
         gsp = jax.tree.map(lambda a, d: a.at[virt].add(d.astype(a.dtype)), carry.grad_stage, dws)
         return carry._replace(grad_stage=gsp)
 
