@@ -1,7 +1,7 @@
 """Pipeline parallelism: bubble fractions, step time, memory and collectives per schedule.
 
-For `eqxpar.pipeline`'s three schedules, `GPipe()`, `OneFOneB()` and
-`Interleaved1F1B(2)`, with `p = --stages` (default 4) pipeline stages:
+For `eqxpar.pipeline`'s four schedules, `GPipe()`, `OneFOneB()`, `Interleaved1F1B(2)`
+and `ZeroBubbleH1()`, with `p = --stages` (default 4) pipeline stages:
 
 1. **Bubble**: for `m` in `--microbatches` (default 4, 8, 16, 32), the idle fraction
    of each schedule's tick table (`TickTable.bubble_fraction()`) next to the theory,
@@ -59,6 +59,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 from _common import add_run_flags, format_table, mib, start_devices, temp_bytes, time_round_robin
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -69,6 +70,7 @@ from eqxpar.profile import CollectiveReport, count_collectives
 from models import PPClassifier
 
 PLAIN = "plain jax.jit DP"
+ACCUM = "plain DP, accumulated"
 
 
 def schedules(virtual: int) -> dict[str, AbstractSchedule]:
@@ -161,6 +163,30 @@ def plain_step(static: Any) -> Any:
         return jax.value_and_grad(lambda p: eqx.combine(p, static).loss(x, y))(params)
 
     return step
+
+
+def accumulated_step(static: Any, mesh: jax.sharding.Mesh, rows: int) -> Any:
+    """The plain step with gradient accumulation, as a JAX user writes it: on each device
+    of a data-only `mesh`, `lax.scan` over its batch in microbatches of `rows` rows, the
+    mean loss and gradients then averaged over `data`. The matmuls are the pipeline's
+    (one microbatch at a time), so this is the plain step's cost at the pipeline's
+    microbatch size."""
+
+    def per_device(params: Any, x: jax.Array, y: jax.Array) -> tuple:
+        k = x.shape[0] // rows
+        xs, ys = x.reshape(k, rows, *x.shape[1:]), y.reshape(k, rows)
+
+        def add(total: tuple, xy: tuple) -> tuple[tuple, None]:
+            loss = jax.value_and_grad(lambda p: eqx.combine(p, static).loss(*xy))(params)
+            return jax.tree.map(jnp.add, total, loss), None
+
+        zero = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+        zero = jax.tree.map(lambda z: jax.lax.pcast(z, ("data",), to="varying"), zero)
+        total, _ = jax.lax.scan(add, zero, (xs, ys))
+        return jax.tree.map(lambda a: jax.lax.pmean(a / k, "data"), total)
+
+    specs = (P(), P("data"), P("data"))
+    return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=P()))
 
 
 def batch(args: argparse.Namespace, rows: int, sharding: NamedSharding) -> tuple:
@@ -380,17 +406,50 @@ def time_steps(
     params = jax.device_put(dyn, NamedSharding(dp_mesh, P()))
     xd, yd = batch(args, rows, NamedSharding(dp_mesh, P("data")))
     calls[PLAIN] = (plain_step(static).lower(params, xd, yd).compile(), (params, xd, yd))
+    # A mesh of "data" alone: eqxpar's mesh names every axis, which binds the pipeline.
+    plain_mesh = jax.make_mesh((dp_mesh.size,), ("data",), devices=dp_mesh.devices.flatten())
+    params_a = jax.device_put(dyn, NamedSharding(plain_mesh, P()))
+    xa, ya = batch(args, rows, NamedSharding(plain_mesh, P("data")))
+    accumulated = accumulated_step(static, plain_mesh, rows_per_mb).lower(params_a, xa, ya)
+    calls[ACCUM] = (accumulated.compile(), (params_a, xa, ya))
 
     # Every variant computes the same loss (the same weights and batch).
     ref = float(calls[PLAIN][0](*calls[PLAIN][1])[0])
     checks = []
-    for name in reports:
+    for name in [*reports, ACCUM]:
         loss = float(calls[name][0](*calls[name][1])[0])
         checks.append(
             (f"{rows_per_mb} rows: {name} loss {loss:.6f} = plain loss {ref:.6f}",
              abs(loss - ref) <= 1e-4 * abs(ref))
         )  # fmt: skip
     return time_round_robin(calls, repeats=args.repeats, warmup=args.warmup), reports, checks
+
+
+BARRIER_TICKS = 100
+
+
+def barrier_calls(args: argparse.Namespace, mesh: jax.sharding.Mesh, rows: int) -> dict:
+    """Two scans of `BARRIER_TICKS` ticks of one `[rows, width] x [width, width]` matmul
+    per device, the same work on every device: one without collectives, one with a
+    `ppermute` around the pipeline ring at every tick (a barrier of all the devices)."""
+    spec = P(tuple(mesh.axis_names))  # each device its own rows
+    p = mesh.shape["pipeline"]
+    ring = [(i, (i + 1) % p) for i in range(p)]
+
+    def scan(send: bool) -> Any:
+        def per_device(x: jax.Array, w: jax.Array) -> jax.Array:
+            def tick(x: jax.Array, _: None) -> tuple[jax.Array, None]:
+                y = jnp.tanh(x @ w)
+                return (jax.lax.ppermute(y, "pipeline", ring) if send else y), None
+
+            return jax.lax.scan(tick, x, None, length=BARRIER_TICKS)[0]
+
+        return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(spec, P()), out_specs=spec))
+
+    x = jax.random.normal(jax.random.key(3), (mesh.size * rows, args.width))
+    w = jax.random.normal(jax.random.key(4), (args.width, args.width)) / args.width**0.5
+    x, w = jax.device_put(x, NamedSharding(mesh, spec)), jax.device_put(w, NamedSharding(mesh, P()))
+    return {"no send": (scan(False), (x, w)), "ppermute": (scan(True), (x, w))}
 
 
 def time_section(
@@ -400,16 +459,30 @@ def time_section(
     counts the collectives; checks the 1F1B step at the largest `--time-batch`."""
     p, d, m = args.stages, args.data, args.time_microbatches
     tables = {name: s.table(p, m).split() for name, s in schedules(args.virtual).items()}
-    rows_out, checks = [], []
+    arrays = tables["1F1B"].as_arrays()
+    sending = int(((arrays["permute_f"] > 0) | (arrays["permute_b"] > 0)).sum())
+    rows_out, barrier_rows, checks = [], [], []
     for rows_per_mb in args.time_batch:
         ms, reports, loss_checks = time_steps(args, pipe_mesh, dp_mesh, rows_per_mb)
         checks += loss_checks
+        bar = time_round_robin(
+            barrier_calls(args, pipe_mesh, rows_per_mb), repeats=args.repeats, warmup=args.warmup
+        )
+        per_tick = (bar["ppermute"] - bar["no send"]) / BARRIER_TICKS
+        barrier_rows.append(
+            (rows_per_mb, f"{bar['no send']:.1f}", f"{bar['ppermute']:.1f}", f"{per_tick:.2f}",
+             f"{100 * per_tick * BARRIER_TICKS / bar['no send']:.0f}%",
+             f"{sending * per_tick:.0f}", f"{ms['1F1B'] - ms[PLAIN]:.0f}")
+        )  # fmt: skip
         for name, table in tables.items():
             rows_out.append(
                 (rows_per_mb, name, f"{ms[name]:.1f}", f"{ms[name] / ms[PLAIN]:.2f}",
                  table.num_ticks, f"{table.bubble_fraction():.3f}")
             )  # fmt: skip
         rows_out.append((rows_per_mb, PLAIN, f"{ms[PLAIN]:.1f}", "1.00", "-", "-"))
+        rows_out.append(
+            (rows_per_mb, ACCUM, f"{ms[ACCUM]:.1f}", f"{ms[ACCUM] / ms[PLAIN]:.2f}", "-", "-")
+        )
     largest = max(args.time_batch)
     checks.append(
         (
@@ -439,7 +512,10 @@ def time_section(
         f"## pipeline: one training step (loss + grads), m={m}, at each --time-batch "
         f"(rows per microbatch per data shard; global batch m x rows x data={d})",
         f"median of {args.repeats} timed steps per variant (round-robin, {args.warmup} "
-        f"warm-up each); mesh pipeline={p}, data={d}; {PLAIN} on data={p * d}",
+        f"warm-up each); mesh pipeline={p}, data={d}; {PLAIN} on data={p * d}; {ACCUM}: "
+        f"the same, each device's",
+        f"batch in {m // p} microbatches of `rows` rows (lax.scan): the plain step at the "
+        "pipeline's microbatch size",
         "",
         format_table(("rows", "variant", "ms/step", "x plain", "ticks", "bubble"), rows_out),
         "",
@@ -447,12 +523,30 @@ def time_section(
         "memory copy: an idle",
         "device frees its core for the others, so this measures the executor's overhead, "
         "not the bubble; the tick-time",
-        "model above is what a schedule costs on devices that run in parallel. Every tick "
-        "that sends is a barrier of",
-        "all the device threads, whose cost is fixed per tick: it weighs less as a "
-        "microbatch's compute grows (rows),",
-        "which is why the 1F1B check is made at the largest rows. ticks and bubble: of "
-        "table.split(), what runs.",
+        "model above is what a schedule costs on devices that run in parallel. A pipeline "
+        f"works a microbatch at a time: {ACCUM}",
+        "is the plain step at that size, and what small matmuls cost on this CPU shows in "
+        "it; the 1F1B check is made at",
+        "the largest rows. ticks and bubble: of table.split(), what runs.",
+        "",
+        f"The barrier: {BARRIER_TICKS} ticks of one [rows, {args.width}] x [{args.width}, "
+        f"{args.width}] matmul per device, the same on every device, without",
+        "collectives and with a ppermute per tick; the cost of one sending tick, and that "
+        f"cost times the {sending} ticks of the split 1F1B table",
+        "that send, beside the 1F1B step's time over the plain step's.",
+        "",
+        format_table(
+            (
+                "rows",
+                "no send ms",
+                "ppermute ms",
+                "ms per tick",
+                "+",
+                f"x {sending} ticks ms",
+                "1F1B - plain ms",
+            ),
+            barrier_rows,
+        ),  # fmt: skip
         "",
         "Collectives over `pipeline` in each compiled step (count_collectives): permutes "
         "(one per pair set, each in a",

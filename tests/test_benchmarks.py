@@ -171,8 +171,18 @@ def test_the_pipeline_benchmark_times_every_schedule_at_each_microbatch_size():
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = run.stdout
     for rows in (2, 4):
-        for name in ("GPipe", "1F1B", "interleaved v=2", "ZB-H1", "plain jax.jit DP"):
+        for name in (
+            "GPipe",
+            "1F1B",
+            "interleaved v=2",
+            "ZB-H1",
+            "plain jax.jit DP",
+            "plain DP, accumulated",
+        ):
             assert re.search(rf"^\| {rows} +\| +{re.escape(name)} \|", out, re.M), out
-        assert f"{rows} rows: 1F1B loss" in out
+        assert (
+            f"{rows} rows: 1F1B loss" in out and f"{rows} rows: plain DP, accumulated loss" in out
+        )
     assert "at 4 rows per microbatch the 1F1B step costs" in out
+    assert re.search(r"^\| 4 +\| +[0-9.]+ \| +[0-9.]+ \| +-?[0-9.]+ \| +-?[0-9]+% \|", out, re.M)
     assert "FAIL" not in out
