@@ -24,10 +24,11 @@ and `ZeroBubbleH1()`, with `p = --stages` (default 4) pipeline stages:
 4. **Time**: one training step (loss and gradients) at `m = --time-microbatches`
    (default 16), per schedule, in ms, for each `--time-batch` (rows per microbatch per
    data shard; default 64 and 256). On CPU the simulated devices share the same cores,
-   so this is the executor's overhead, not a speed-up: an idle device frees its core,
-   and every tick that sends is a barrier of all the device threads, a fixed cost per
-   tick that weighs less as the microbatch grows. PASS when the 1F1B step costs at most
-   `--slowdown` times the plain step at the largest `--time-batch`.
+   so this is the executor's overhead, not a speed-up (an idle device frees its core).
+   Beside it, the plain step accumulated over microbatches of the same rows (what small
+   matmuls cost here), and what the barrier of a sending tick costs (a scan of ticks of
+   one matmul per device, with and without a `ppermute` per tick). PASS when the 1F1B
+   step costs at most `--slowdown` times the plain step at the largest `--time-batch`.
 5. **Collectives** over `pipeline` in each compiled step
    (`eqxpar.profile.count_collectives`): only collective-permutes (one per set of
    stage pairs the table sends over, `TickTable.send_pairs`, each in a per-tick switch
@@ -390,9 +391,9 @@ def time_steps(
     dp_mesh: jax.sharding.Mesh,
     rows_per_mb: int,
 ) -> tuple[dict[str, float], dict[str, Any], list[tuple[str, bool]]]:
-    """Times one training step per schedule and the plain-JAX step at `rows_per_mb`
-    rows per microbatch per data shard: `(ms by variant, collective report by
-    schedule, loss checks)`."""
+    """Times one training step per schedule, the plain-JAX step and the accumulated one
+    at `rows_per_mb` rows per microbatch per data shard: `(ms by variant, collective
+    report by schedule, loss checks)`."""
     d, m = args.data, args.time_microbatches
     rows = m * rows_per_mb * d
     calls, reports = {}, {}
@@ -407,7 +408,7 @@ def time_steps(
     xd, yd = batch(args, rows, NamedSharding(dp_mesh, P("data")))
     calls[PLAIN] = (plain_step(static).lower(params, xd, yd).compile(), (params, xd, yd))
     # A mesh of "data" alone: eqxpar's mesh names every axis, which binds the pipeline.
-    plain_mesh = jax.make_mesh((dp_mesh.size,), ("data",), devices=dp_mesh.devices.flatten())
+    plain_mesh = jax.make_mesh((dp_mesh.size,), ("data",), devices=list(dp_mesh.devices.flat))
     params_a = jax.device_put(dyn, NamedSharding(plain_mesh, P()))
     xa, ya = batch(args, rows, NamedSharding(plain_mesh, P("data")))
     accumulated = accumulated_step(static, plain_mesh, rows_per_mb).lower(params_a, xa, ya)
@@ -452,53 +453,28 @@ def barrier_calls(args: argparse.Namespace, mesh: jax.sharding.Mesh, rows: int) 
     return {"no send": (scan(False), (x, w)), "ppermute": (scan(True), (x, w))}
 
 
-def time_section(
-    args: argparse.Namespace, pipe_mesh: jax.sharding.Mesh, dp_mesh: jax.sharding.Mesh
-) -> tuple[list[str], list[tuple[str, bool]]]:
-    """Times one step per schedule and the plain-JAX step at each `--time-batch`;
-    counts the collectives; checks the 1F1B step at the largest `--time-batch`."""
-    p, d, m = args.stages, args.data, args.time_microbatches
-    tables = {name: s.table(p, m).split() for name, s in schedules(args.virtual).items()}
-    arrays = tables["1F1B"].as_arrays()
-    sending = int(((arrays["permute_f"] > 0) | (arrays["permute_b"] > 0)).sum())
-    rows_out, barrier_rows, checks = [], [], []
-    for rows_per_mb in args.time_batch:
-        ms, reports, loss_checks = time_steps(args, pipe_mesh, dp_mesh, rows_per_mb)
-        checks += loss_checks
-        bar = time_round_robin(
-            barrier_calls(args, pipe_mesh, rows_per_mb), repeats=args.repeats, warmup=args.warmup
-        )
-        per_tick = (bar["ppermute"] - bar["no send"]) / BARRIER_TICKS
-        barrier_rows.append(
-            (rows_per_mb, f"{bar['no send']:.1f}", f"{bar['ppermute']:.1f}", f"{per_tick:.2f}",
-             f"{100 * per_tick * BARRIER_TICKS / bar['no send']:.0f}%",
-             f"{sending * per_tick:.0f}", f"{ms['1F1B'] - ms[PLAIN]:.0f}")
-        )  # fmt: skip
-        for name, table in tables.items():
-            rows_out.append(
-                (rows_per_mb, name, f"{ms[name]:.1f}", f"{ms[name] / ms[PLAIN]:.2f}",
-                 table.num_ticks, f"{table.bubble_fraction():.3f}")
-            )  # fmt: skip
-        rows_out.append((rows_per_mb, PLAIN, f"{ms[PLAIN]:.1f}", "1.00", "-", "-"))
-        rows_out.append(
-            (rows_per_mb, ACCUM, f"{ms[ACCUM]:.1f}", f"{ms[ACCUM] / ms[PLAIN]:.2f}", "-", "-")
-        )
-    largest = max(args.time_batch)
-    checks.append(
-        (
-            f"at {largest} rows per microbatch the 1F1B step costs {ms['1F1B'] / ms[PLAIN]:.2f}x "
-            f"the plain step (<= {args.slowdown:g}x wanted)",
-            ms["1F1B"] <= args.slowdown * ms[PLAIN],
-        )
-    )
+def barrier_row(
+    args: argparse.Namespace, mesh: jax.sharding.Mesh, rows: int, sending: int, gap: float
+) -> tuple:
+    """The barrier table's row at `rows`: the two scans' times, the cost of one sending
+    tick, that times the `sending` ticks of 1F1B, beside `gap` (1F1B - plain, ms)."""
+    ms = time_round_robin(barrier_calls(args, mesh, rows), repeats=args.repeats, warmup=args.warmup)
+    per_tick = (ms["ppermute"] - ms["no send"]) / BARRIER_TICKS
+    return (rows, f"{ms['no send']:.1f}", f"{ms['ppermute']:.1f}", f"{per_tick:.2f}",
+            f"{100 * per_tick * BARRIER_TICKS / ms['no send']:.0f}%",
+            f"{sending * per_tick:.0f}", f"{gap:.0f}")  # fmt: skip
 
-    coll_rows = []
-    for name, table in tables.items():  # the counts do not depend on the rows
+
+def collective_rows(tables: dict, reports: dict) -> tuple[list[tuple], list[tuple[str, bool]]]:
+    """The collectives table's rows and checks: per schedule, the permutes over the
+    pipeline (one per pair set on every tick) and the final all-reduces, nothing else."""
+    rows, checks = [], []
+    for name, table in tables.items():
         permutes, reduces, others = pipeline_collectives(reports[name])
         branches = len(table.send_pairs("F")) + len(table.send_pairs("B")) - 2
         arrays = table.as_arrays()
         runs = int((arrays["permute_f"] > 0).sum() + (arrays["permute_b"] > 0).sum())
-        coll_rows.append(
+        rows.append(
             (name, table.num_ticks, branches, permutes, runs, reduces, ", ".join(others) or "-")
         )  # fmt: skip
         checks.append(
@@ -508,7 +484,14 @@ def time_section(
                 not others and permutes == branches * table.num_ticks and 1 <= reduces <= 3,
             )
         )
-    lines = [
+    return rows, checks
+
+
+def time_lines(args: argparse.Namespace, tables: tuple, sending: int) -> list[str]:
+    """The time section's text around its three tables `(steps, barrier, collectives)`."""
+    p, d, m = args.stages, args.data, args.time_microbatches
+    rows_out, barrier_rows, coll_rows = tables
+    return [
         f"## pipeline: one training step (loss + grads), m={m}, at each --time-batch "
         f"(rows per microbatch per data shard; global batch m x rows x data={d})",
         f"median of {args.repeats} timed steps per variant (round-robin, {args.warmup} "
@@ -561,7 +544,44 @@ def time_section(
             coll_rows,
         ),
     ]
-    return lines, checks
+
+
+def time_section(
+    args: argparse.Namespace, pipe_mesh: jax.sharding.Mesh, dp_mesh: jax.sharding.Mesh
+) -> tuple[list[str], list[tuple[str, bool]]]:
+    """Times one step per schedule and the plain-JAX step at each `--time-batch`;
+    counts the collectives; checks the 1F1B step at the largest `--time-batch`."""
+    p, m = args.stages, args.time_microbatches
+    tables = {name: s.table(p, m).split() for name, s in schedules(args.virtual).items()}
+    arrays = tables["1F1B"].as_arrays()
+    sending = int(((arrays["permute_f"] > 0) | (arrays["permute_b"] > 0)).sum())
+    rows_out, barrier_rows, checks = [], [], []
+    for rows_per_mb in sorted(args.time_batch):  # the last, the largest, is checked
+        ms, reports, loss_checks = time_steps(args, pipe_mesh, dp_mesh, rows_per_mb)
+        checks += loss_checks
+        gap = ms["1F1B"] - ms[PLAIN]
+        barrier_rows.append(barrier_row(args, pipe_mesh, rows_per_mb, sending, gap))
+        for name, table in tables.items():
+            rows_out.append(
+                (rows_per_mb, name, f"{ms[name]:.1f}", f"{ms[name] / ms[PLAIN]:.2f}",
+                 table.num_ticks, f"{table.bubble_fraction():.3f}")
+            )  # fmt: skip
+        rows_out.append((rows_per_mb, PLAIN, f"{ms[PLAIN]:.1f}", "1.00", "-", "-"))
+        rows_out.append(
+            (rows_per_mb, ACCUM, f"{ms[ACCUM]:.1f}", f"{ms[ACCUM] / ms[PLAIN]:.2f}", "-", "-")
+        )
+    largest = max(args.time_batch)
+    checks.append(
+        (
+            f"at {largest} rows per microbatch the 1F1B step costs {ms['1F1B'] / ms[PLAIN]:.2f}x "
+            f"the plain step (<= {args.slowdown:g}x wanted)",
+            ms["1F1B"] <= args.slowdown * ms[PLAIN],
+        )
+    )
+
+    coll_rows, coll_checks = collective_rows(tables, reports)  # the same at every rows
+    checks += coll_checks
+    return time_lines(args, (rows_out, barrier_rows, coll_rows), sending), checks
 
 
 def check_args(args: argparse.Namespace) -> None:
