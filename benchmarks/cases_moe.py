@@ -29,13 +29,13 @@ from cases_transformer import (
     PlainTransformer,
     Sizes,
     _per_token,
+    attention_residual,
     auto_mesh,
     eqxpar_variant,
     first_moment,
     jit_variant,
     optimizer,
     plain_variant,
-    rotary,
     tokens,
 )
 from jax.sharding import NamedSharding
@@ -155,16 +155,8 @@ class PlainMoEBlock(eqx.Module):
 
     def attention(self, x: Float[Array, "b s h"]) -> Float[Array, "b s h"]:
         """`x + out(attention(qkv(norm(x))))`, causal, rotary, as in `PlainBlock`."""
-        b, s, _ = x.shape
-        heads, kv_heads = self.config.num_heads, self.config.kv_heads
-        group = heads // kv_heads
-        qkv = _per_token(self.qkv, _per_token(self.attn_norm, x))
-        qkv = qkv.reshape(b, s, kv_heads, group + 2, -1)
-        theta = self.config.rope_theta
-        q = rotary(qkv[..., :group, :].reshape(b, s, heads, -1), theta)
-        k, v = rotary(qkv[..., group, :], theta), qkv[..., group + 1, :]
-        a = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-        return x + _per_token(self.out, a.reshape(b, s, -1))
+        c = self.config
+        return attention_residual(self, x, (c.num_heads, c.kv_heads, c.rope_theta), None, False)
 
     def experts(self, buffer: Float[Array, "e c h"]) -> Float[Array, "e c h"]:
         """Expert `i`'s GELU MLP on row `i` of one group's buffer."""

@@ -104,6 +104,26 @@ def _linear(layer: eqx.nn.Linear, x: Array, batched: bool) -> Array:
     return x @ layer.weight.T if batched else _per_token(layer, x)
 
 
+def attention_residual(
+    block: Any, x: Float[Array, "b s h"], shape: tuple, attention: str | None, batched: bool
+) -> Float[Array, "b s h"]:
+    """`x + out(attention(qkv(attn_norm(x))))` with `block`'s `attn_norm`, `qkv` and `out`
+    (the fused QKV rows grouped by KV head), causal and rotary; `shape` is
+    `(heads, kv_heads, rope_theta)`, `attention` and `batched` as for `PlainBlock`."""
+    heads, kv_heads, theta = shape
+    b, s, _ = x.shape
+    group = heads // kv_heads
+    qkv = _linear(block.qkv, _per_token(block.attn_norm, x), batched)
+    qkv = qkv.reshape(b, s, kv_heads, group + 2, -1)
+    q = rotary(qkv[..., :group, :].reshape(b, s, heads, -1), theta)
+    k, v = rotary(qkv[..., group, :], theta), qkv[..., group + 1, :]
+    if attention == "blockwise":  # a diagnostic: eqxpar's attention kernel
+        a = ep.nn.blockwise_attention(q, k, v)
+    else:
+        a = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=attention)
+    return x + _linear(block.out, a.reshape(b, s, -1), batched)
+
+
 class PlainBlock(eqx.Module):
     """One pre-norm block of plain Equinox layers (the fused QKV rows grouped by KV
     head, as in `models.Transformer`)."""
@@ -140,17 +160,9 @@ class PlainBlock(eqx.Module):
         self.attention, self.batched = attention, batched
 
     def __call__(self, x: Float[Array, "b s h"]) -> Float[Array, "b s h"]:
-        b, s, _ = x.shape
-        group = self.heads // self.kv_heads
-        qkv = _linear(self.qkv, _per_token(self.attn_norm, x), self.batched)
-        qkv = qkv.reshape(b, s, self.kv_heads, group + 2, -1)
-        q = rotary(qkv[..., :group, :].reshape(b, s, self.heads, -1), self.theta)
-        k, v = rotary(qkv[..., group, :], self.theta), qkv[..., group + 1, :]
-        if self.attention == "blockwise":  # a diagnostic: eqxpar's attention kernel
-            a = ep.nn.blockwise_attention(q, k, v)
-        else:
-            a = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attention)
-        x = x + _linear(self.out, a.reshape(b, s, -1), self.batched)
+        x = attention_residual(
+            self, x, (self.heads, self.kv_heads, self.theta), self.attention, self.batched
+        )
         h = jax.nn.gelu(_linear(self.up, _per_token(self.mlp_norm, x), self.batched))
         return x + _linear(self.down, h, self.batched)
 
